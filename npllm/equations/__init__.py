@@ -1,0 +1,47 @@
+"""The lecture equations, one pure NumPy function each (no I/O, no state, float32).
+
+Modules follow the lectures' topics: ``probability`` (chain rule, cross-entropy, perplexity),
+``softmax`` (softmax, log-softmax, LM head), ``attention`` (causal mask, scaled dot-product,
+grouped-query attention, KV-cache decoding), ``position`` (RoPE in both layouts, sinusoidal
+encoding), ``mlp`` (SiLU, GELU, SwiGLU), ``norm`` (RMSNorm, LayerNorm), ``decoding`` (greedy,
+temperature, top-k, top-p, sampling) and ``counting`` (parameters, FLOPs, Chinchilla).
+Shape letters (T, S, D, H, K, Dh, F, V, L) are those of the package docstring.
+Every function is tested against torch / transformers in ``tests/test_equations_*.py``.
+"""
+from .attention import (attention_pattern, causal_mask, decode_attention, grouped_query_attention,
+                        merge_heads, repeat_kv, scaled_dot_product_attention, split_heads)
+from .counting import (attention_parameters, chinchilla_optimal_tokens, embedding_parameters,
+                       forward_flops_per_token, llama_parameter_counts, mlp_parameters,
+                       norm_parameters, training_flops)
+from .decoding import (apply_temperature, filter_logits, greedy, sample, top_k_filter,
+                       top_p_filter)
+from .mlp import gelu, silu, swiglu, swiglu_mlp
+from .norm import layer_norm, rms_norm
+from .position import (apply_rope, apply_rope_interleaved, interleaved_to_half_rows,
+                       rope_cos_sin, rope_inverse_frequencies, rotate_half, sinusoidal_encoding)
+from .probability import (bits_per_byte, cross_entropy, perplexity, sequence_log_prob,
+                          token_log_probs)
+from .softmax import lm_head, log_softmax, softmax
+
+__all__ = [
+    # probability (lecture 000, 001)
+    "token_log_probs", "sequence_log_prob", "cross_entropy", "perplexity", "bits_per_byte",
+    # softmax (lectures 000, 002, 003)
+    "softmax", "log_softmax", "lm_head",
+    # attention (lectures 002, 003, 004)
+    "causal_mask", "attention_pattern", "scaled_dot_product_attention", "repeat_kv",
+    "grouped_query_attention", "decode_attention", "split_heads", "merge_heads",
+    # position (lecture 003)
+    "rope_inverse_frequencies", "rope_cos_sin", "rotate_half", "apply_rope",
+    "apply_rope_interleaved", "interleaved_to_half_rows", "sinusoidal_encoding",
+    # mlp (lecture 003)
+    "silu", "gelu", "swiglu", "swiglu_mlp",
+    # norm (lecture 003)
+    "rms_norm", "layer_norm",
+    # decoding (lectures 002, 003)
+    "greedy", "apply_temperature", "top_k_filter", "top_p_filter", "filter_logits", "sample",
+    # counting (lectures 000, 001)
+    "embedding_parameters", "attention_parameters", "mlp_parameters", "norm_parameters",
+    "llama_parameter_counts", "chinchilla_optimal_tokens", "forward_flops_per_token",
+    "training_flops",
+]
