@@ -1,0 +1,588 @@
+"""``npllm score``: the log-probability of each text, factor by factor (lecture 000's chain rule).
+
+Texts come from the arguments, a file (``-f FILE``) or stdin: plain text (a line each), JSONL
+(fields chosen with ``--text-field``, ``--context-field``, ``--id-field``) or TSV with a header.
+Results go out as a readable table, JSONL (first record: metadata) or TSV (a row per token).
+A line that cannot be scored becomes an error record and the run goes on; the exit status is 1
+when some failed. Every record is flushed as soon as it is written, and ``--resume`` continues
+an interrupted ``-o FILE`` run: the result is the file one uninterrupted run would have written.
+"""
+import argparse
+import contextlib
+import io
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_SOME_FAILED = 1
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+EPILOG = """\
+examples:
+  npllm score "He runs fast"
+      the factors P(He) x P( runs | He) x P( fast | He runs), their numbers and the total
+  npllm score "The keys to the cabinet are" "The keys to the cabinet is" --base 2
+      two texts, surprisal in bits
+  npllm score --context "The capital of France is" " Paris" " Lyon"
+      only the continuations are scored, each conditioned on the context
+  npllm score -f sentences.txt --format jsonl -o scores.jsonl
+      a line each, with a progress bar; run it again with --resume after an interruption
+  npllm score -f items.jsonl --text-field sentence --context-field prefix --id-field item \\
+      --format tsv > surprisal.tsv
+      one TSV row per token (id, token, log_prob, ...): ready for R or pandas
+  cat texts.txt | npllm score --format jsonl --quiet | jq .total
+
+numbers:
+  log_probs are log P(token | everything before it), in nats (--base e) or bits (--base 2);
+  total is their sum, log P(text | context); perplexity = exp(-mean in nats); bits per byte =
+  -total in bits / UTF-8 bytes of the scored text. The BOS (document-start) token put before
+  every text is named in the metadata; with --bos none the first token is unscored (null).
+  The default model's weights are the Q4_1 GGUF of SmolLM2-135M-Instruct, dequantized: close
+  to, not equal to, the Hub's bfloat16 weights.
+
+exit status: 0 all texts scored, 1 some texts failed (see the error records), 2 bad usage.
+"""
+
+
+def add_parser(sub):
+    from npllm.cli import add_model_argument
+    p = sub.add_parser(
+        "score", help="log-probability of texts, token by token (the chain rule)",
+        description="Score texts with a language model: log P(text) = sum of log P(token | "
+                    "tokens before it). Prints the product of conditionals for people, JSONL or "
+                    "TSV for scripts.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("texts", nargs="*", metavar="TEXT",
+                   help="texts to score (each argument is one text); without TEXT or -f, "
+                        "texts are read from stdin, a line each")
+    add_input_arguments(p)
+    p.add_argument("-c", "--context", default=None, metavar="TEXT",
+                   help="a context (prefix) for every text: only the text after it is scored, "
+                        "conditioned on it (JSONL/TSV: --context-field gives one per record)")
+    out = p.add_argument_group("output")
+    out.add_argument("--format", choices=["table", "jsonl", "tsv"], default="table",
+                     help="table: the factors for people (default); jsonl: one JSON record per "
+                          "text after a metadata record, full precision; tsv: one row per "
+                          "token with a header, full precision, NA for unscored")
+    out.add_argument("-o", "--output", metavar="FILE",
+                     help="write to FILE instead of stdout (refuses to overwrite an existing "
+                          "file unless --force or --resume)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run: keep the records already in -o FILE, "
+                          "skip their ids, score the rest (same settings required)")
+    out.add_argument("--force", action="store_true", help="overwrite -o FILE if it exists")
+    out.add_argument("--words", action="store_true",
+                     help="add word-level scores (token scores summed over whitespace-"
+                          "delimited words)")
+    out.add_argument("--rank", action="store_true",
+                     help="add each token's rank in the predicted distribution (1 = the most "
+                          "likely token)")
+    out.add_argument("--entropy", action="store_true",
+                     help="add the entropy of each predicted distribution (in --base units)")
+    out.add_argument("--greedy", action="store_true",
+                     help="add whether each token is the model's most likely one (argmax)")
+    out.add_argument("-q", "--quiet", action="store_true",
+                     help="no progress bar and no model-loading messages on stderr")
+    add_scoring_arguments(p)
+    add_model_argument(p)
+    p.set_defaults(func=run)
+
+
+def add_input_arguments(p):
+    inp = p.add_argument_group("input")
+    inp.add_argument("-f", "--file", metavar="FILE",
+                     help="read texts from FILE ('-' for stdin)")
+    inp.add_argument("--input-format", choices=["auto", "text", "jsonl", "tsv"], default="auto",
+                     help="text: a text per line; jsonl: a JSON object per line; tsv: tab-"
+                          "separated with a header line; auto (default): by the file's suffix "
+                          "(.jsonl/.ndjson/.json, .tsv), else text")
+    inp.add_argument("--text-field", default=None, metavar="NAME",
+                     help="JSONL/TSV field holding the text (default: text)")
+    inp.add_argument("--context-field", default=None, metavar="NAME",
+                     help="JSONL/TSV field holding each text's context (null/empty: none)")
+    inp.add_argument("--id-field", default=None, metavar="NAME",
+                     help="JSONL/TSV field holding each text's id (default: the line number); "
+                          "ids must be unique, --resume relies on them")
+
+
+def add_scoring_arguments(p):
+    from npllm.score import DEFAULT_BATCH_SIZE
+    sc = p.add_argument_group("scoring")
+    sc.add_argument("--bos", default="auto", metavar="auto|none|TOKEN",
+                    help="token put before every text so its first token has a context: auto "
+                         "(default: the model's document-start token, for SmolLM2 "
+                         "<|endoftext|>; never added twice), none (the first token is then "
+                         "unscored), or a token such as '<|im_start|>' or an id")
+    sc.add_argument("--base", choices=["e", "2"], default="e",
+                    help="log base: e (nats, default) or 2 (bits: surprisal in bits)")
+    sc.add_argument("--window", type=int, default=None, metavar="N",
+                    help="tokens per forward pass (default: the model's context length); longer "
+                         "texts are scored with a sliding window")
+    sc.add_argument("--stride", type=int, default=None, metavar="N",
+                    help="tokens the sliding window advances (default: window/2): each token "
+                         "is scored once with at least window - stride tokens of context")
+    sc.add_argument("--no-slide", action="store_true",
+                    help="make texts longer than the window an error instead of sliding")
+    sc.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                    help=f"texts per forward pass (default {DEFAULT_BATCH_SIZE}); padding does "
+                         "not change the numbers")
+
+
+# -- input --------------------------------------------------------------------------------------
+
+@dataclass
+class Item:
+    """One input record: what to score, or why it cannot be."""
+    id: object
+    line: int | None
+    text: str | None = None
+    context: str | None = None
+    error: str | None = None
+
+
+def input_format(args, path):
+    fmt = args.input_format
+    if fmt == "auto":
+        suffix = Path(path).suffix.lower() if path and path != "-" else ""
+        fmt = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".tsv": "tsv"}.get(
+            suffix, "text")
+    if fmt == "text" and (args.text_field or args.context_field or args.id_field):
+        raise ValueError("--text-field, --context-field and --id-field apply to JSONL or TSV "
+                         "input; give --input-format jsonl or tsv (or a .jsonl/.tsv file)")
+    return fmt
+
+
+def read_lines(path):
+    """The lines of FILE (or stdin for '-') as bytes, without their line ends."""
+    if path == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        data = Path(path).read_bytes()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def decode(raw, n):
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, (f"line {n} is not valid UTF-8 ({e.reason}: byte 0x{raw[e.start]:02x} at "
+                      f"byte {e.start})")
+
+
+def parse_text(lines):
+    for n, raw in enumerate(lines, 1):
+        text, error = decode(raw, n)
+        yield Item(n, n, text, None, error)
+
+
+def field_value(record, name, what, n):
+    if name not in record:
+        fields = ", ".join(map(str, record)) or "none"
+        raise LookupError(f"line {n} has no field {name!r} for the {what} (its fields: {fields})")
+    return record[name]
+
+
+def make_item(record, n, text_field, context_field, id_field):
+    """An Item from one JSONL object or TSV row (a dict)."""
+    item_id = n
+    try:
+        if id_field:
+            item_id = field_value(record, id_field, "id", n)
+        text = field_value(record, text_field, "text", n)
+        context = field_value(record, context_field, "context", n) if context_field else None
+    except LookupError as e:
+        return Item(item_id, n, error=str(e))
+    if not isinstance(text, str):
+        return Item(item_id, n, error=f"line {n}: field {text_field!r} must be a string, got "
+                                      f"{json.dumps(text)[:40]}")
+    if context is not None and not isinstance(context, str):
+        return Item(item_id, n, error=f"line {n}: field {context_field!r} must be a string or "
+                                      f"null, got {json.dumps(context)[:40]}")
+    return Item(item_id, n, text, context or None)
+
+
+def parse_jsonl(lines, text_field, context_field, id_field):
+    for n, raw in enumerate(lines, 1):
+        line, error = decode(raw, n)
+        if error:
+            yield Item(n, n, error=error)
+            continue
+        if not line.strip():
+            yield Item(n, n, error=f"line {n} is empty (expected a JSON object)")
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield Item(n, n, error=f"line {n} is not valid JSON: {e.msg} (column {e.colno})")
+            continue
+        if not isinstance(record, dict):
+            yield Item(n, n, error=f"line {n} is not a JSON object: {line[:40]}")
+            continue
+        yield make_item(record, n, text_field, context_field, id_field)
+
+
+def parse_tsv(lines, text_field, context_field, id_field):
+    if not lines:
+        return
+    header, error = decode(lines[0], 1)
+    if error:
+        raise ValueError(f"the TSV header: {error}")
+    columns = header.split("\t")
+    for name, what in ((text_field, "text"), (context_field, "context"), (id_field, "id")):
+        if name and name not in columns:
+            raise ValueError(f"the TSV header has no column {name!r} for the {what} (its "
+                             f"columns: {', '.join(columns)}); choose one with --{what}-field")
+    for n, raw in enumerate(lines[1:], 2):
+        line, error = decode(raw, n)
+        if error:
+            yield Item(n, n, error=error)
+            continue
+        cells = line.split("\t")
+        if len(cells) != len(columns):
+            yield Item(n, n, error=f"line {n} has {len(cells)} tab-separated cells, the header "
+                                   f"has {len(columns)}")
+            continue
+        yield make_item(dict(zip(columns, cells)), n, text_field, context_field, id_field)
+
+
+def read_items(args, path):
+    """Items from FILE/stdin in the chosen format; (items, input format)."""
+    fmt = input_format(args, path)
+    lines = read_lines(path)
+    text_field = args.text_field or "text"
+    if fmt == "text":
+        return list(parse_text(lines)), fmt
+    parse = parse_jsonl if fmt == "jsonl" else parse_tsv
+    return list(parse(lines, text_field, args.context_field, args.id_field)), fmt
+
+
+def gather_items(args):
+    if args.texts and args.file:
+        raise ValueError("give texts as arguments or with -f FILE, not both")
+    if args.texts:
+        if args.text_field or args.context_field or args.id_field:
+            raise ValueError("--text-field, --context-field and --id-field apply to JSONL or "
+                             "TSV input (-f FILE), not to texts given as arguments")
+        items, fmt, source = [Item(i, None, t) for i, t in enumerate(args.texts, 1)], \
+            "arguments", "arguments"
+    else:
+        path = args.file or "-"
+        if path == "-" and sys.stdin.isatty():
+            raise ValueError("nothing to score: give texts as arguments, -f FILE, or pipe "
+                             "text into stdin (a text per line)")
+        items, fmt = read_items(args, path)
+        source = "stdin" if path == "-" else path
+    if args.context is not None:
+        if getattr(args, "context_field", None):
+            raise ValueError("give --context or --context-field, not both")
+        for item in items:
+            item.context = args.context
+    seen = {}
+    for item in items:  # ids identify records for --resume: they must be unique
+        key = str(item.id)
+        if item.error is None and key in seen:
+            item.error = (f"line {item.line}: id {item.id!r} was already used at line "
+                          f"{seen[key]}; ids must be unique")
+        seen.setdefault(key, item.line)
+    return items, fmt, source
+
+
+# -- output -------------------------------------------------------------------------------------
+
+def tsv_cell(value):
+    if value is None:
+        return "NA"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n") \
+        .replace("\r", "\\r")
+
+
+class JsonlWriter:
+    resumable = True
+
+    def __init__(self, stream, words):
+        self.stream, self.words = stream, words
+
+    def _write(self, record):
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+    @staticmethod
+    def key(item_id):
+        return json.dumps(item_id, ensure_ascii=False)
+
+    def start(self, metadata):
+        self._write({"type": "metadata", **metadata})
+
+    def score(self, item, result):
+        self._write({"type": "score", "id": item.id, "line": item.line,
+                     **result.to_dict(words=self.words)})
+
+    def error(self, item, message):
+        self._write({"type": "error", "id": item.id, "line": item.line, "error": message,
+                     "text": item.text, "context": item.context})
+
+    @staticmethod
+    def read_done(path, metadata):
+        """(ids done, errors among them, byte length of the complete records) of a JSONL file."""
+        data = path.read_bytes()
+        lines, keep, done, errors = data.split(b"\n"), 0, Counter(), 0
+        for i, raw in enumerate(lines[:-1]):  # the piece after the last newline is incomplete
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if i == 0:
+                    raise ValueError(f"{path} does not start with npllm's metadata record: not "
+                                     "an npllm score file; give another -o FILE") from None
+                break
+            if i == 0:
+                check_metadata(record, metadata, path)
+            elif record.get("type") in ("score", "error"):
+                done[JsonlWriter.key(record["id"])] += 1
+                errors += record["type"] == "error"
+            keep += len(raw) + 1
+        return done, errors, keep
+
+
+def check_metadata(found, wanted, path):
+    if found.get("type") != "metadata":
+        raise ValueError(f"{path} does not start with npllm's metadata record: not an npllm "
+                         "score file; give another -o FILE")
+    keys = ("source", "bos", "base", "window", "stride", "slide", "batch_size", "extras",
+            "input_format", "fields", "context")
+    diff = [k for k in keys if found.get(k) != wanted.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}: {json.dumps(found.get(k))} in the file, "
+                          f"{json.dumps(wanted.get(k))} now" for k in diff)
+        raise ValueError(f"cannot resume {path}: it was written with other settings ({shown}); "
+                         "rerun with the same options, or write a new file")
+
+
+class TsvWriter:
+    """One row per token. TSV has no room for metadata: with ``-o FILE`` it goes to
+    ``FILE.meta.json`` beside it (what ``--resume`` checks the settings against)."""
+    resumable = True
+
+    def __init__(self, stream, extras, out_path=None):
+        self.stream, self.extras = stream, extras
+        self.meta_path = Path(f"{out_path}.meta.json") if out_path else None
+
+    def columns(self):
+        return (["id", "line", "token_index", "token", "token_id", "start", "end", "log_prob",
+                 "context_length"] + [name for name, on in (("rank", "ranks"),
+                                                            ("entropy", "entropies"),
+                                                            ("is_greedy", "is_greedy"))
+                                      if on in self.extras] + ["error"])
+
+    def _write(self, rows):
+        self.stream.write("".join("\t".join(tsv_cell(c) for c in row) + "\n" for row in rows))
+        self.stream.flush()
+
+    @staticmethod
+    def key(item_id):
+        return tsv_cell(item_id)
+
+    def start(self, metadata):
+        if self.meta_path is not None:
+            self.meta_path.write_text(json.dumps({"type": "metadata", **metadata},
+                                                 ensure_ascii=False, indent=1) + "\n",
+                                      encoding="utf-8")
+        self._write([self.columns()])
+
+    def score(self, item, r):
+        rows = []
+        for i in range(r.n_tokens):
+            row = [item.id, item.line, i, r.tokens[i], r.token_ids[i], r.offsets[i][0],
+                   r.offsets[i][1], r.log_probs[i], r.context_lengths[i]]
+            row += [getattr(r, name)[i] for name in ("ranks", "entropies", "is_greedy")
+                    if name in self.extras]
+            rows.append(row + [None])
+        self._write(rows)
+
+    def error(self, item, message):
+        n = len(self.columns())
+        self._write([[item.id, item.line] + [None] * (n - 3) + [message]])
+
+    def read_done(self, path, metadata):
+        """Like JsonlWriter.read_done; the last id's rows are dropped (they may be partial)."""
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        header = "\t".join(self.columns()).encode()
+        if len(lines) < 2:  # not even the header was finished
+            return Counter(), 0, 0
+        try:
+            found = json.loads(self.meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            raise ValueError(f"cannot resume {path}: its settings file {self.meta_path} is "
+                             "missing or damaged; write a new file") from None
+        check_metadata(found, metadata, path)
+        if lines[0] != header:
+            raise ValueError(f"cannot resume {path}: its header is not the one these options "
+                             "write; rerun with the same options, or write a new file")
+        groups = []  # (id, is_error, end byte) per consecutive id
+        offset = len(lines[0]) + 1
+        for raw in lines[1:-1]:
+            cells = raw.split(b"\t")
+            offset += len(raw) + 1
+            key, is_error = cells[0], cells[-1] != b"NA"
+            if groups and groups[-1][0] == key and not is_error and not groups[-1][1]:
+                groups[-1][2] = offset
+            else:
+                groups.append([key, is_error, offset])
+        groups = groups[:-1]
+        done = Counter(g[0].decode("utf-8") for g in groups)
+        keep = groups[-1][2] if groups else len(lines[0]) + 1
+        return done, sum(g[1] for g in groups), keep
+
+
+class TableWriter:
+    resumable = False
+
+    def __init__(self, stream, words, several):
+        self.stream, self.words, self.several, self.first = stream, words, several, True
+
+    def start(self, metadata):
+        pass
+
+    def _heading(self, item):
+        if not self.first:
+            self.stream.write("\n")
+        self.first = False
+        if self.several:
+            where = f"line {item.line}" if item.line is not None else f"text {item.id}"
+            label = where if item.id == item.line or item.line is None else \
+                f"{where}, id {item.id}"
+            self.stream.write(f"[{label}]\n")
+
+    def score(self, item, result):
+        self._heading(item)
+        self.stream.write(result.explain() + "\n")
+        if self.words:
+            self.stream.write("\nwords:\n")
+            for w in result.words:
+                lp = "unscored" if w.log_prob is None else f"{w.log_prob:.4f}"
+                self.stream.write(f"  {w.word!r:<30} {lp:>12} {result.unit} "
+                                  f"({w.n_tokens} tokens)\n")
+        self.stream.flush()
+
+    def error(self, item, message):
+        self._heading(item)
+        self.stream.write(f"error: {message}\n")
+        self.stream.flush()
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+def load_model(args):
+    import npllm
+    if args.quiet:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return npllm.load(args.model, backend=args.backend)
+    return npllm.load(args.model, backend=args.backend)
+
+
+def parse_bos(value):
+    return int(value) if value.isdigit() else value
+
+
+def run(args):
+    from npllm import __version__
+    from npllm.score import ScoreError, _check_settings, iter_scores, resolve_bos
+
+    if args.resume and not args.output:
+        raise ValueError("--resume continues an output file: give it with -o FILE")
+    if args.resume and args.format == "table":
+        raise ValueError("--resume needs a machine format: --format jsonl or tsv")
+    out_path = Path(args.output) if args.output else None
+    if out_path and out_path.exists() and out_path.stat().st_size and not (
+            args.resume or args.force):
+        raise ValueError(f"{out_path} exists: add --resume to continue it, --force to "
+                         "overwrite it, or give another -o FILE")
+    items, fmt, source = gather_items(args)
+
+    model = load_model(args)
+    bos = resolve_bos(model, parse_bos(args.bos))
+    base, window, stride, batch_size = _check_settings(model, args.base, args.window,
+                                                       args.stride, args.batch_size)
+    extras = [name for name, on in (("ranks", args.rank), ("entropies", args.entropy),
+                                    ("is_greedy", args.greedy)) if on]
+    metadata = {
+        "npllm_version": __version__, "model": args.model or DEFAULT_MODEL,
+        "source": model.source, "bos": bos.to_dict(), "base": base,
+        "unit": "nats" if base == "e" else "bits", "window": window, "stride": stride,
+        "slide": not args.no_slide, "batch_size": batch_size, "extras": extras,
+        "input": source, "input_format": fmt,
+        "fields": {"text": args.text_field, "context": args.context_field, "id": args.id_field},
+        "context": args.context, "n_inputs": len(items),
+    }
+
+    stream, done, prior_errors = sys.stdout, Counter(), 0
+    if args.format == "jsonl":
+        writer = JsonlWriter(None, args.words)
+    elif args.format == "tsv":
+        writer = TsvWriter(None, extras, out_path)
+    else:
+        writer = TableWriter(None, args.words, len(items) > 1)
+    fresh = True
+    if out_path:
+        if args.resume and out_path.exists() and out_path.stat().st_size:
+            done, prior_errors, keep = writer.read_done(out_path, metadata)
+            with open(out_path, "r+b") as f:  # drop an incomplete last record
+                f.truncate(keep)
+            fresh = keep == 0
+        stream = open(out_path, "a" if not fresh else "w", encoding="utf-8", newline="\n")
+    writer.stream = stream
+
+    skip = set()
+    for i, item in enumerate(items):
+        key = writer.key(item.id) if writer.resumable else None
+        if done[key] > 0:
+            done[key] -= 1
+            skip.add(i)
+    bar = None
+    if args.file is not None or not args.texts:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items) - len(skip), unit="text", desc="npllm score",
+                   file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
+    failed = prior_errors
+    try:
+        if fresh:
+            writer.start(metadata)
+        pairs = [(it.text, it.context) if it.error is None else (None, None) for it in items]
+        results = iter_scores(model, pairs, bos=bos,
+                              base=base, window=window, stride=stride, slide=not args.no_slide,
+                              batch_size=batch_size, with_rank=args.rank,
+                              with_entropy=args.entropy, with_greedy=args.greedy, skip=skip)
+        for i, result in results:
+            item = items[i]
+            if item.error is not None:
+                writer.error(item, item.error)
+                failed += 1
+            elif isinstance(result, ScoreError):
+                where = f"line {item.line}: " if item.line is not None else \
+                    f"text {item.id}: "
+                writer.error(item, where + str(result))
+                failed += 1
+            else:
+                writer.score(item, result)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if stream is not sys.stdout:
+            stream.close()
+    if failed:
+        where = f" (error records in {out_path})" if out_path else ""
+        print(f"npllm score: {failed} of {len(items)} texts could not be scored{where}",
+              file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return 0
