@@ -1,0 +1,38 @@
+"""Numba twins of the hot equations: the same names, signatures and numbers, only faster.
+
+``npllm.equations`` says what the model computes, one readable NumPy function per lecture
+equation. Running a model spends nearly all its time outside the big matrix products in a few
+of them: RMSNorm, RoPE, softmax, the SwiGLU gate and, above all, attention. This package holds a
+Numba-compiled twin of each, written as loops with the structure of the formula:
+
+- ``rms_norm``: :func:`npllm.equations.rms_norm` (``norm.py``)
+- ``apply_rope``: :func:`npllm.equations.apply_rope` (``position.py``)
+- ``softmax``, ``log_softmax``: :func:`npllm.equations.softmax`, :func:`npllm.equations.log_softmax`
+  (``softmax.py``)
+- ``swiglu``: :func:`npllm.equations.swiglu` (``mlp.py``)
+- ``grouped_query_attention``, ``decode_attention``: their namesakes in
+  :mod:`npllm.equations.attention` (``attention.py``)
+
+Each public function is a thin Python wrapper (the equation's argument checks, leading axes
+flattened, masks broadcast as views) around ``@numba.njit`` cores: a function for one row or
+one block of rows, and a serial and a parallel loop over the rows (see ``_parallel.py``).
+The cores are compiled with ``fastmath=False``, so the compiler never reorders a sum, and with
+``cache=True``, so the compiled code is kept on disk (``__pycache__``) and later imports do not
+compile again.
+
+How they are proven equal: ``tests/test_kernels.py`` runs every kernel and its equation on
+random shapes and values drawn by hypothesis (one token, one head, grouped-query ratios 1, 3, 9,
+causal masks with a KV-cache offset, padding masks, values of +-1e4) and compares them within
+float32 rounding; where the kernels add numbers in another order than NumPy (sums kept in
+float64, attention's products and weighted sums), the tolerance says so. The equations in turn
+are tested against torch and transformers, and the whole forward pass is run with both backends
+(:mod:`npllm.backend`).
+"""
+from .attention import decode_attention, grouped_query_attention
+from .mlp import swiglu
+from .norm import rms_norm
+from .position import apply_rope
+from .softmax import log_softmax, softmax
+
+__all__ = ["rms_norm", "apply_rope", "softmax", "log_softmax", "swiglu",
+           "grouped_query_attention", "decode_attention"]
