@@ -15,5 +15,8 @@ All computation is float32. ``npllm.equations`` holds the readable NumPy functio
 __version__ = "0.1.0"
 
 from npllm.model import KVCache, Model, load  # noqa: E402
+from npllm.score import corpus_perplexity, score  # noqa: E402
+from npllm.generate import chat, generate  # noqa: E402
 
-__all__ = ["KVCache", "Model", "load", "__version__"]
+__all__ = ["KVCache", "Model", "load", "score", "corpus_perplexity", "generate", "chat",
+           "__version__"]
