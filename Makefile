@@ -24,8 +24,13 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no test; make treats any non-zero exit as failure.
 # HF_HUB_OFFLINE: no test needs the Hub (its paths are tested with fakes); skip the network check.
+# One BLAS / Numba thread per worker: two workers share the two cores, and oversubscribed
+# threads make a forward pass 3-20x slower.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+docs: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py

@@ -180,8 +180,10 @@ def _from_wheel(tried, say):
                      f"{FALLBACK_DISTRIBUTION}`")
         return None
     folder = cache_dir() / FALLBACK_FOLDER
-    say(f"model: the Hub is out of reach; using {FALLBACK_GGUF} from the {FALLBACK_DISTRIBUTION} "
-        f"wheel ({Q4_1_NOTE}). Set HF_HUB_OFFLINE=1 to skip the Hub check")
+    offline = _truthy(os.environ.get("HF_HUB_OFFLINE"))
+    say(f"model: {'offline (HF_HUB_OFFLINE)' if offline else 'the Hub is out of reach'}; using "
+        f"{FALLBACK_GGUF} from the {FALLBACK_DISTRIBUTION} wheel ({Q4_1_NOTE})"
+        + ("" if offline else ". Set HF_HUB_OFFLINE=1 to skip the Hub check"))
     _import_once(gguf_path, folder, _file_key(gguf_path), say)
     say(f"model: {folder}")
     return folder
