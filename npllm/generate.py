@@ -247,14 +247,17 @@ class TextTracker:
     def add(self, token_id):
         self.ids.append(token_id)
         self.text = self.decode(self.ids)
-        self.matched, self.end = self.find_stop(self.text)
+        # A trailing U+FFFD is a character still waiting for bytes: it may change, so it is
+        # neither shown nor matched against the stop strings yet.
+        settled = self.text.rstrip("\ufffd")
+        self.matched, self.end = self.find_stop(settled)
         if self.matched is not None:
             return ""
-        safe = len(self.text.rstrip("\ufffd"))
-        safe = min(safe, len(self.text) - self.partial_stop_length(self.text))
-        return self.show(safe)
+        return self.show(min(len(settled), len(self.text) - self.partial_stop_length(self.text)))
 
     def finish(self):
+        if self.matched is None:  # no more bytes will come: a trailing U+FFFD is final now
+            self.matched, self.end = self.find_stop(self.text)
         return self.show(len(self.final_text))
 
     @property
@@ -336,6 +339,8 @@ def _loop(model, prompt_ids, max_new_tokens, settings, seed, use_cache, stop, ig
     piece = tracker.finish()
     if piece:
         yield piece
+    if finish_reason == "length" and tracker.matched is not None:
+        finish_reason = "stop"
     return Generation(text=tracker.final_text, ids=new_ids, prompt_ids=list(prompt_ids),
                       finish_reason=finish_reason, stop=tracker.matched, steps=steps,
                       cache=cache, seconds=time.perf_counter() - start,

@@ -8,7 +8,7 @@ are in test_generate_default_model.py.
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import npllm
@@ -247,6 +247,10 @@ def test_multibyte_characters_are_streamed_whole(tokenizer):
 
 @given(ids=st.lists(st.integers(3, 383), min_size=1, max_size=30),
        stop_at=st.integers(0, 200), stop_len=st.integers(1, 6))
+# Found in CI: the text ends with a real U+FFFD (a lead byte with no continuation) and that is
+# the stop string; the half character "\xc2" seen while decoding must not match it early.
+@example(ids=[3] * 16 + [129, 97, 259, 259, 281, 293, 314, 324, 333, 349, 367, 373, 382, 97],
+         stop_at=54, stop_len=1)
 def test_tracker_invariants(tokenizer, ids, stop_at, stop_len):
     """Whatever the bytes (lone continuation bytes, half characters) and wherever the stop
     string: the shown pieces concatenate to the final text, which is the decoded text cut before
