@@ -26,8 +26,12 @@ demo: $(STAMP)
 # HF_HUB_OFFLINE: no test needs the Hub (its paths are tested with fakes); skip the network check.
 # One BLAS / Numba thread per worker: two workers share the two cores, and oversubscribed
 # threads make a forward pass 3-20x slower.
+# The suite runs twice: on the Numba backend (the default) and on the pure NumPy equations
+# (NPLLM_BACKEND=numpy); both must pass the same tests.
+TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(TEST_ENV) NPLLM_BACKEND=numba $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(TEST_ENV) NPLLM_BACKEND=numpy $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 docs: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mkdocs build --strict

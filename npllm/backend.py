@@ -6,12 +6,31 @@ Select with the environment variable ``NPLLM_BACKEND=numpy|numba`` or the ``back
 of the functions that run the model; the default is ``numba``.
 """
 import os
+import sys
 from types import SimpleNamespace
 
 BACKENDS = ("numba", "numpy")
 # The functions the forward pass takes from a backend (see npllm/kernels/__init__.py).
 HOT_FUNCTIONS = ("rms_norm", "apply_rope", "softmax", "log_softmax", "swiglu",
-                 "grouped_query_attention")
+                 "grouped_query_attention", "decode_attention")
+# Compositions of equations that the kernels compute in one pass: the NumPy backend composes
+# the equations (below), the Numba backend has a kernel of the same name and signature.
+FUSED_FUNCTIONS = ("lm_head_log_probs",)
+
+
+def lm_head_log_probs(c, W, targets):
+    r"""log P(targets | c): the LM head, then the log-softmax read at the targets (lecture 000).
+
+    .. math::
+        \log P(y_t \mid c_t) = \log\mathrm{softmax}(W c_t)_{y_t}
+
+    c [..., T, D], W [V, D], targets int [..., T] -> [..., T]. The readable composition of
+    :func:`~npllm.equations.lm_head` and :func:`~npllm.equations.token_log_probs`; the Numba
+    twin (:func:`npllm.kernels.lm_head_log_probs`) gives the same numbers without ever holding
+    the [..., T, V] logits.
+    """
+    from npllm.equations import lm_head, token_log_probs
+    return token_log_probs(lm_head(c, W), targets)
 
 
 def backend_name(name=None):
@@ -28,6 +47,9 @@ def get_backend(name=None):
     name = backend_name(name)
     if name == "numba":
         from npllm import kernels as module
+        fused = module
     else:
         from npllm import equations as module
-    return SimpleNamespace(name=name, **{f: getattr(module, f) for f in HOT_FUNCTIONS})
+        fused = sys.modules[__name__]  # the compositions above
+    return SimpleNamespace(name=name, **{f: getattr(module, f) for f in HOT_FUNCTIONS},
+                           **{f: getattr(fused, f) for f in FUSED_FUNCTIONS})

@@ -59,6 +59,13 @@ def hf_gguf_model():
 
 
 @pytest.fixture(scope="session")
+def hf_float64(hf_gguf_model):
+    """transformers on the same GGUF weights in float64 (a copy: the float32 one is shared)."""
+    import copy
+    return copy.deepcopy(hf_gguf_model).double()
+
+
+@pytest.fixture(scope="session")
 def converted_default_folder(tmp_path_factory):
     """The default GGUF converted afresh by `convert_gguf` (about 5 s), once per test process."""
     from npllm.model.gguf import convert_gguf

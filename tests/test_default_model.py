@@ -46,13 +46,44 @@ def test_numpy_backend_equals_numba_backend(default_model, texts):
                                default_model(ids, backend="numba"), atol=1e-4, rtol=0)
 
 
-def test_kv_cache_equals_full_recompute(default_model, texts):
+def decode_one_by_one(model, ids, prompt=10, cache=None):
+    """Logits of a 10-token prompt, then of each further token fed alone through the cache."""
+    cache = cache if cache is not None else model.new_cache()
+    parts = [model(ids[:prompt], cache=cache)]
+    parts += [model(ids[t:t + 1], cache=cache) for t in range(prompt, len(ids))]
+    return np.concatenate(parts)
+
+
+def test_kv_cache_equals_full_recompute(default_model, hf_gguf_model, hf_float64, texts):
+    """Cached decoding and one full pass are equal up to float32 rounding.
+
+    Both are float32 approximations of the same exact (float64) logits, so by the triangle
+    inequality they may differ by twice float32's error. That error is measured here, on this
+    text, as torch's own float32 forward pass against float64 (about 6e-5 on logits up to 38,
+    a few ulps of a residual stream that reaches 2.5e4). A cache bug (a wrong position, a stale
+    or missing key) moves logits by more than 0.1: see the next test.
+    """
     ids = np.array(texts["chat"])
-    full = default_model(ids)
+    with torch.no_grad():
+        exact = hf_float64(torch.tensor(ids)[None]).logits[0].numpy()
+        theirs = hf_gguf_model(torch.tensor(ids)[None]).logits[0].numpy()
+    float32_error = np.abs(theirs - exact).max()
+    assert 1e-6 < float32_error < 1e-4
+    np.testing.assert_allclose(decode_one_by_one(default_model, ids), default_model(ids),
+                               atol=2 * float32_error, rtol=0)
+
+
+def test_kv_cache_with_a_wrong_position_is_detected(default_model, texts):
+    """The tolerance above can fail: keys rotated one position too far move the logits."""
+    ids = np.array(texts["chat"])
     cache = default_model.new_cache()
-    parts = [default_model(ids[:10], cache=cache)]
-    parts += [default_model(ids[t:t + 1], cache=cache) for t in range(10, len(ids))]
-    np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-4, rtol=0)
+    default_model(ids[:1], cache=cache)
+    for store in (cache.keys, cache.values):   # an off-by-one: token 0 cached twice
+        for layer in store:
+            layer[:, :, 1] = layer[:, :, 0]
+    cache.length = 2
+    wrong = decode_one_by_one(default_model, ids[1:], prompt=9, cache=cache)
+    assert np.abs(wrong - default_model(ids)[1:]).max() > 0.1
 
 
 def test_parameter_count_and_shares(default_model, hf_gguf_model):

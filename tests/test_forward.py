@@ -136,3 +136,117 @@ def test_cache_repr_and_growth():
     cache = KVCache.empty(cfg, batch_size=1, capacity=2)
     cache.reserve(5)
     assert cache.capacity == 5 and "length=0" in repr(cache)
+
+
+# --- the fast path's choices: fused projections, log-probs instead of logits, the last logits ----
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_targets_give_the_log_probs_of_the_logits(tiny, backend):
+    """forward(..., targets=) equals token_log_probs of the logits (one sequence, a padded
+    batch, and only the kept positions)."""
+    from npllm.equations import token_log_probs
+    model, _ = tiny
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, model.config.vocab_size, size=(3, 12))
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0
+    logits = model(ids, attention_mask=mask, backend=backend)
+    targets = rng.integers(0, model.config.vocab_size, size=ids.shape)
+    lp = model(ids, attention_mask=mask, targets=targets, backend=backend)
+    np.testing.assert_allclose(lp, token_log_probs(logits, targets), atol=2e-5, rtol=1e-5)
+    one = model(ids[0], targets=targets[0], backend=backend)
+    np.testing.assert_allclose(one, lp[0], atol=2e-5, rtol=1e-5)
+    last = model(ids, attention_mask=mask, targets=targets[:, -3:], logits_to_keep=3,
+                 backend=backend)
+    np.testing.assert_allclose(last, lp[:, -3:], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_logits_to_keep_gives_the_last_positions(tiny, backend):
+    model, _ = tiny
+    ids = np.random.default_rng(5).integers(0, model.config.vocab_size, size=(2, 9))
+    full = model(ids, backend=backend)
+    np.testing.assert_array_equal(model(ids, logits_to_keep=9, backend=backend), full)
+    # The same numbers up to BLAS's blocking, which depends on how many rows the LM head gets
+    # (as in test_padded_batch_equals_each_sequence_alone).
+    np.testing.assert_allclose(model(ids, logits_to_keep=2, backend=backend), full[:, -2:],
+                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(model(ids[0], logits_to_keep=1, backend=backend), full[0, -1:],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_logits_to_keep_and_targets_are_checked(tiny):
+    model, _ = tiny
+    ids = np.arange(6) % model.config.vocab_size
+    with pytest.raises(ValueError, match="logits_to_keep must be between 1 and"):
+        model(ids, logits_to_keep=7)
+    with pytest.raises(ValueError, match="targets must be integers shaped like"):
+        model(ids, targets=ids[:-1])
+    with pytest.raises(ValueError, match="targets must be integers shaped like"):
+        model(ids, targets=ids.astype(float))
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, "):
+        model(ids, targets=ids + model.config.vocab_size)
+
+
+def test_numba_backend_fuses_adjacent_projections(tiny):
+    """Weights stored one after another (gate/up, q/v in the files transformers writes) are
+    one matrix product with the Numba backend; the NumPy backend keeps one per projection."""
+    import npllm.model.llama as llama
+    model, _ = tiny
+    calls = []
+    real = llama.linear
+
+    def counting(x, w):
+        calls.append(w.shape)
+        return real(x, w)
+
+    ids = np.arange(5) % model.config.vocab_size
+    counts = {}
+    for backend in ("numpy", "numba"):
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(llama, "linear", counting)
+            model(ids, backend=backend)
+        counts[backend] = len(calls) // model.config.num_hidden_layers
+    assert counts["numpy"] == 7  # q, k, v, o, gate, up, down
+    p = "model.layers.0."
+    gate, up = model.weights[p + "mlp.gate_proj.weight"], model.weights[p + "mlp.up_proj.weight"]
+    mapped = gate.base is not None and not gate.flags.owndata
+    if mapped and len(llama.stack_adjacent([gate, up])) == 1:  # float32 file: memory-mapped
+        assert counts["numba"] < 7
+    else:  # bfloat16 file: widened into separate arrays, nothing to fuse
+        assert counts["numba"] == 7
+
+
+def test_stack_adjacent_groups_only_neighbours_in_memory():
+    from npllm.model.weights import stack_adjacent
+    buf = np.arange(40, dtype=np.float32).reshape(10, 4)
+    buf.flags.writeable = False
+    a, b, c = buf[0:2], buf[2:5], buf[7:10]
+    groups = stack_adjacent([c, b, a])
+    assert [g for _, g in groups] == [[2, 1], [0]]  # memory order: a, b | c
+    (ab, _), (alone, _) = groups
+    np.testing.assert_array_equal(ab, buf[0:5])
+    assert np.shares_memory(ab, buf) and not ab.flags.writeable and alone is c
+    other = np.arange(8, dtype=np.float32).reshape(2, 4)  # another buffer: never stacked
+    assert [g for _, g in stack_adjacent([a, other])] in ([[0], [1]], [[1], [0]])
+    wide = np.zeros((2, 5), np.float32)
+    assert len(stack_adjacent([buf[:1], wide])) == 2  # different widths
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_padded_batch_decoding_with_cache_equals_recompute(tiny, backend):
+    """Left-padded batch, KV cache, one token per step: the mask path (not decode_attention)."""
+    model, _ = tiny
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, model.config.vocab_size, size=(2, 10))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    full = model(ids, attention_mask=mask, backend=backend)
+    cache = model.new_cache(batch_size=2, capacity=4)
+    steps = [model(ids[:, :6], cache=cache, attention_mask=mask[:, :6], backend=backend)]
+    steps += [model(ids[:, t:t + 1], cache=cache, attention_mask=mask[:, :t + 1], backend=backend)
+              for t in range(6, 10)]
+    got = np.concatenate(steps, axis=1)
+    np.testing.assert_allclose(got[0], full[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[1, 4:], full[1, 4:], atol=1e-4, rtol=0)

@@ -297,23 +297,115 @@ def test_both_backends_provide_every_hot_function():
     for f in backend.HOT_FUNCTIONS:
         assert getattr(numba_backend, f) is getattr(K, f)
         assert getattr(backend.get_backend("numpy"), f) is getattr(E, f)
+    # Fused functions: a kernel in one, the composition of equations in the other.
+    for f in backend.FUSED_FUNCTIONS:
+        assert getattr(numba_backend, f) is getattr(K, f)
+        assert getattr(backend.get_backend("numpy"), f) is getattr(backend, f)
     # The kernels' package offers exactly the contract's names (docs/internals/api-contract.md).
     assert set(K.__all__) == {"rms_norm", "apply_rope", "softmax", "log_softmax", "swiglu",
-                              "grouped_query_attention", "decode_attention"}
-    assert set(backend.HOT_FUNCTIONS) <= set(K.__all__)
+                              "grouped_query_attention", "decode_attention", "lm_head_log_probs"}
+    assert set(backend.HOT_FUNCTIONS) | set(backend.FUSED_FUNCTIONS) <= set(K.__all__)
 
 
 def test_attention_never_repeats_key_value_heads():
-    """The compiled core is handed the K key/value heads themselves, not H repeated copies."""
+    """The products are handed the K key/value heads themselves (views of k), not H repeated
+    copies: each head's G = H / K queries are the rows of one matrix."""
     rng = np.random.default_rng(3)
     q = rng.standard_normal((9, 4, 8), dtype=np.float32)
     k, v = (rng.standard_normal((3, 4, 8), dtype=np.float32) for _ in range(2))
-    seen, core = [], kernel_attention._attention_serial
+    seen, scores = [], kernel_attention._scores
 
-    def spy(q, k, v, mask, scale, out):
-        seen.append((k.shape, v.shape))
-        core(q, k, v, mask, scale, out)
+    def spy(rows, kT):
+        seen.append((rows.shape, kT.shape, np.shares_memory(kT, k)))
+        return scores(rows, kT)
 
-    with driver("serial"), mock.patch.object(kernel_attention, "_attention_serial", spy):
+    with mock.patch.object(kernel_attention, "_scores", spy):
         K.grouped_query_attention(q, k, v, E.causal_mask(4))
-    assert seen == [((1, 3, 4, 8), (1, 3, 4, 8))]  # k, v [B, K, S, Dh]: K = 3 heads, not H = 9
+        K.decode_attention(q[:, :1], k, v, 4)
+    # rows [B, K, T * G, Dh], kT [B, K, Dh, S]: K = 3 heads, read in place
+    assert seen == [((1, 3, 12, 8), (1, 3, 8, 4), True), ((1, 3, 3, 8), (1, 3, 8, 4), True)]
+
+
+# --- what the forward pass's fast path adds -----------------------------------------------------
+
+def test_exp32_is_within_one_ulp_of_the_correctly_rounded_exp():
+    """The vectorised exponential behind the softmax, log-softmax and SwiGLU kernels: exp32 on
+    every float32 input, exp_inplace (the softmax's) on the non-positive ones it is used for."""
+    import numba
+    from npllm.kernels._math import exp32, exp_inplace
+
+    @numba.njit
+    def exp_all(x):
+        return np.array([exp32(v) for v in x], dtype=np.float32)
+
+    x = np.concatenate([np.linspace(-90, 89, 200_001, dtype=np.float32),
+                        np.float32([0.0, -0.0, 1e-30, -1e-30, 88.72, 88.7228, -87.33, 1.0])])
+    with np.errstate(over="ignore"):
+        exact = np.exp(x.astype(np.float64)).astype(np.float32)
+    negative = x.copy()
+    exp_inplace(negative, np.float32(0.0))
+    for actual, where in ((exp_all(x), np.ones(x.shape, bool)), (negative, x <= 0)):
+        normal = where & np.isfinite(exact) & (exact >= np.finfo(np.float32).tiny)
+        ulps = np.abs(actual[normal].view(np.int32).astype(np.int64)
+                      - exact[normal].view(np.int32).astype(np.int64))
+        assert ulps.max() <= 1
+    # Overflow to inf, underflow to 0 (NumPy: a subnormal below 1.2e-38), NaN stays NaN.
+    special = np.float32([89.0, np.inf, -88.0, -np.inf, np.finfo(np.float32).min, np.nan])
+    out = exp_all(special)
+    assert out[:2].tolist() == [np.inf, np.inf] and out[2:5].tolist() == [0.0] * 3
+    assert np.isnan(out[5])
+    shifted = special[2:].copy()
+    exp_inplace(shifted, np.float32(0.0))
+    assert shifted[:3].tolist() == [0.0] * 3 and np.isnan(shifted[3])
+
+
+@given(seed=seeds, lead=leads, T=st.integers(1, 9), V=st.integers(1, 3000),
+       columns=st.sampled_from([None, 1, 7, 256]), scale=st.sampled_from([0.1, 1.0, 30.0]),
+       run=drivers)
+def test_lm_head_log_probs_equals_the_composition(seed, lead, T, V, columns, scale, run):
+    """The fused LM head + log-softmax (over blocks of the vocabulary, a streaming logsumexp)
+    against ``token_log_probs(lm_head(c, W), targets)``, the NumPy backend's composition."""
+    D = 16
+    c = values(seed, (*lead, T, D), scale)
+    W = values(seed + 1, (V, D))
+    targets = np.random.default_rng(seed).integers(0, V, size=(*lead, T))
+    expected = backend.lm_head_log_probs(c, W, targets)
+    with driver(run):
+        actual = K.lm_head_log_probs(c, W, targets, columns=columns)
+    assert actual.shape == expected.shape == (*lead, T)
+    # The sum of e^{logit - max} is kept in float64 and, over blocks, rescaled: its log may
+    # differ from NumPy's float32 sum by a few ulp of log V (an absolute error).
+    assert_close(actual, expected, rtol=1e-5, atol=4e-6 * max(1.0, np.log(V)))
+
+
+def test_lm_head_log_probs_rejects_bad_targets():
+    c, W = np.ones((3, 4), np.float32), np.ones((5, 4), np.float32)
+    for bad in (np.array([0, 1]), np.array([0, 1, 5]), np.array([0.0, 1.0, 2.0])):
+        with pytest.raises(ValueError):
+            K.lm_head_log_probs(c, W, bad)
+
+
+def test_swiglu_reads_the_fused_projection_in_place():
+    """gate and up as the two halves of one [..., 2F] product: the kernel reads that array
+    (no copy) and gives the numbers of the equation; other views are copied, same numbers."""
+    from npllm.kernels.mlp import _halves
+    y = values(5, (2, 7, 2 * 11), 3.0, extremes=True)
+    gate, up = y[..., :11], y[..., 11:]
+    assert _halves(gate, up) is not None and np.shares_memory(_halves(gate, up), y)
+    assert _halves(up, gate) is None and _halves(gate[:1], up[:1]) is None
+    for g, u in ((gate, up), (up, gate), (gate[:, ::2], up[:, ::2]), (gate[0], up[0])):
+        assert_close(K.swiglu(g, u), E.swiglu(g, u))
+
+
+@pytest.mark.parametrize("x_shape, angle_shape", [
+    ((2, 9, 5, 8), (2, 1, 5, 8)), ((1, 3, 1, 64), (1, 1, 1, 64)), ((2, 3, 5, 8), (1, 1, 5, 8)),
+    ((2, 3, 5, 8), (5, 8)), ((2, 3, 5, 8), (2, 3, 5, 8)), ((4, 2, 3, 5, 8), (2, 1, 5, 8)),
+    ((4, 2, 3, 5, 8), (4, 2, 1, 5, 8)), ((5, 8), (5, 8)), ((3, 5, 8), (1, 5, 8))])
+def test_apply_rope_on_head_views_and_shared_angles(x_shape, angle_shape):
+    """The forward pass's call (x a strided view of the projection, angles [B, 1, T, Dh] shared
+    by the heads) and the other broadcasts take their own paths: all equal the equation."""
+    rng = np.random.default_rng(7)
+    wide = rng.standard_normal(x_shape[:-1] + (3 * x_shape[-1],), dtype=np.float32)
+    x = wide[..., 1:1 + x_shape[-1]]  # not contiguous
+    cos, sin = (rng.standard_normal(angle_shape, dtype=np.float32) for _ in range(2))
+    np.testing.assert_array_equal(K.apply_rope(x, cos, sin), E.apply_rope(x, cos, sin))

@@ -6,7 +6,6 @@ log-probabilities are within 3e-5 of it on these sentences, while transformers' 
 forward pass is up to 9e-5 away from it, so float32 against float32 can differ by ~1.1e-4 and
 a 1e-4 test would be testing transformers' rounding. Tolerance 1e-4 against float64.
 """
-import copy
 import math
 
 import numpy as np
@@ -29,12 +28,6 @@ SENTENCES = [
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was "
     "the age of foolishness, it was the epoch of belief, it was the epoch of incredulity.",
 ]
-
-
-@pytest.fixture(scope="module")
-def hf_float64(hf_gguf_model):
-    """transformers on the same GGUF weights, in float64 (a copy: the fixture is shared)."""
-    return copy.deepcopy(hf_gguf_model).double()
 
 
 def reference_log_probs(hf_model, seq):

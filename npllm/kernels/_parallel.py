@@ -1,15 +1,25 @@
 """When a kernel runs on one thread and when on all of them.
 
 Every kernel has a function for one row (or one block of rows) and two drivers that loop over
-the rows: ``numba.prange`` in the parallel one, ``range`` in the serial one. The wrappers choose
-the serial driver for small inputs, such as the single token of a decoding step: there, waking
-the thread pool costs more than the work, and on a busy machine the parallel loop would wait
-for a core to become free before it can finish.
+the rows: ``numba.prange`` in the parallel one, ``range`` in the serial one. In a forward pass
+the wrappers choose the serial driver, for two reasons measured on a 2-core machine:
+
+- NumPy's matrix products already use every core (OpenBLAS's threads), and OpenBLAS keeps its
+  worker threads spinning, ready for the next product, for a while after each one (~0.1 s by
+  default, ``OPENBLAS_THREAD_TIMEOUT``). A Numba parallel loop between two products then gets
+  no free core: its threads fight the spinning ones (and Numba's own OpenMP threads spin after
+  a loop, stealing the core from OpenBLAS's next product). On SmolLM2 over 512 tokens the
+  forward pass took 3.4 s with the parallel kernels and 0.9 s with the serial ones.
+- The kernels do little work per call (a layer's RMSNorm is 0.3 M numbers): waking a thread
+  pool costs more than it saves, and on a busy machine a parallel loop waits for the slowest
+  of its threads.
+
+So the parallel drivers run only for inputs far larger than a forward pass of the default
+model makes (tests force them to check that both drivers give the same numbers).
 """
 
-# Inputs with fewer elements than this run on one thread (~2^16 float32 operations: ~10 us).
-SERIAL_BELOW = 1 << 16
-# Attention with fewer multiply-adds in q k^T than this (B * H * T * S * Dh; ~4M, about half a
-# millisecond on one core) runs on one thread. Decoding one token with SmolLM2's 9 heads of
-# width 64 stays serial up to ~7000 cached positions.
-SERIAL_ATTENTION_BELOW = 1 << 22
+# Inputs with fewer elements than this run on one thread (2^24: 64 MB of float32).
+SERIAL_BELOW = 1 << 24
+# Attention with fewer multiply-adds in q k^T than this (B * H * T * S * Dh) runs its softmax
+# on one thread (2^34: SmolLM2 over 8,192 tokens is 2^35).
+SERIAL_ATTENTION_BELOW = 1 << 34

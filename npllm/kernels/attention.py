@@ -1,49 +1,42 @@
 """Numba twins of :mod:`npllm.equations.attention`: grouped-query attention, prefill and decode.
 
 The NumPy version repeats each key/value head for its group of query heads (``repeat_kv``) and
-then runs ``softmax(q k^T / sqrt(Dh) + M) v`` as three whole-array operations, each writing an
-[H, T, S] or [H, T, Dh] result to memory. The kernel computes the same numbers without the
-copies: query head h reads key/value head h // (H / K) in place, and each block of query rows
-goes through scores, softmax and the weighted sum of values while its scores are still in cache.
+then runs ``softmax(q k^T / sqrt(Dh) + M) v`` as whole-array operations over every query and
+every key. The twin computes the same numbers with less work:
+
+- no copies of K and V: query head h reads key/value head h // (H / K) where it is (the head
+  axis of q is split into [K, H / K] and K and V get a broadcast axis of length 1);
+- the two products q k^T and p v stay with BLAS (NumPy's ``matmul`` over the stacked heads),
+  the fastest code for them; the softmax between them, with the scale and the mask, is one
+  Numba pass over each row of scores, in place, with a vectorised exponential
+  (``kernels/_math.py``);
+- causality: the queries are taken in blocks of ``ROWS``, and each block only against the keys
+  that some of its rows may see. With the causal mask that skips nearly half of both products
+  and of the softmax. Skipped keys have mask float32 min (or -inf): their softmax weight is
+  exactly 0 in the NumPy version too (see :func:`_visible_keys`), so nothing changes.
 """
 import numba
 import numpy as np
 
-from npllm.equations._checks import as_array, positive_int
+from npllm.equations._checks import positive_int
+from npllm.kernels._args import float32_array as as_array
+from npllm.kernels._math import exp_inplace, row_max, total
 from npllm.kernels._parallel import SERIAL_ATTENTION_BELOW
 
 MASKED = np.finfo(np.float32).min
-ROWS = 8     # query rows that share each key and value they load; a block of rows is one task
-KEYS = 256   # keys per tile of the score computation: a tile of scores stays in the L1 cache
+ROWS = 64  # query rows per block: smaller skips more of the causal triangle, larger feeds BLAS
+           # bigger products
 
 
-@numba.njit(cache=True, fastmath=False)
-def _axpy(a, x, y):
-    """y += a x. The loop has no reduction, so LLVM vectorises it without reordering any sum."""
-    for j in range(x.shape[0]):
-        y[j] += a * x[j]
-
-
-@numba.njit(cache=True, fastmath=False)
-def _transpose(k, kT):
-    """kT[d, j] = k[j, d]: keys [S, Dh] -> [Dh, S], a tile of 16 keys at a time so that the
-    rows being read stay in cache while their columns are written out."""
-    S, Dh = k.shape
-    for j0 in range(0, S, 16):
-        for d in range(Dh):
-            for j in range(j0, min(j0 + 16, S)):
-                kT[d, j] = k[j, d]
-
-
-@numba.njit(cache=True, fastmath=False)
+@numba.njit(cache=True, fastmath=False, error_model="numpy")
 def _visible_keys(mask_row):
     """The keys [first, last) outside of which this row's mask is the float32 minimum (or -inf).
 
     Those keys can be skipped without changing a bit: their score plus mask rounds to float32
     min (or -inf) while the row maximum is at least one ulp of float32 min (2e31) higher, so
-    e^{score - max} is exactly 0 in the NumPy version too. The causal mask makes this skip half
-    the work. A row with every key masked (a padding query) is computed in full, as NumPy does:
-    a uniform average (or NaN if the mask is all -inf).
+    e^{score - max} is exactly 0 in the NumPy version too. A row with every key masked (a
+    padding query) is computed in full, as NumPy does: a uniform average (or NaN if the mask is
+    all -inf).
     """
     S = mask_row.shape[0]
     first = 0
@@ -57,138 +50,86 @@ def _visible_keys(mask_row):
     return first, last
 
 
-@numba.njit(cache=True, fastmath=False)
-def _attention_rows(q, kT, v, mask, scale, out):
-    """out = softmax(q k^T * scale + mask) v for a block of R query rows of one head.
-
-    q [R, Dh], kT [Dh, S] (the keys transposed), v [S, Dv], mask [R, S] or [1, S] (one mask
-    row for all rows) -> out [R, Dv].
-    """
-    R, Dh = q.shape
-    first = np.empty(R, np.int64)
-    last = np.empty(R, np.int64)
-    for r in range(R):
-        first[r], last[r] = _visible_keys(mask[r % mask.shape[0]])
-    lo, hi = first.min(), last.max()  # the keys that some row of the block can see
-
-    # Scores q k^T over keys [lo, hi). With the keys transposed, the innermost loop runs over
-    # keys: each step adds q[r, d] times a row of kT to a row of scores (an axpy), which
-    # vectorises under fastmath=False, where a dot product over d would be a sequential sum.
-    # Each score still adds its Dh products in the order d = 0, 1, ..., Dh - 1.
-    s = np.zeros((R, hi - lo), np.float32)
-    for j0 in range(lo, hi, KEYS):
-        j1 = min(j0 + KEYS, hi)
-        for d in range(Dh):
-            for r in range(R):
-                _axpy(q[r, d], kT[d, j0:j1], s[r, j0 - lo:j1 - lo])
-
-    # Softmax numerators e^{x - max} of x = score * scale + mask, and their sum. Keys outside
-    # this row's [first, last) get weight 0 (see _visible_keys).
-    total = np.empty(R, np.float32)
-    for r in range(R):
-        row = s[r]
-        a, b = first[r] - lo, last[r] - lo
-        row[:a] = 0.0
-        row[b:] = 0.0
-        m = mask[r % mask.shape[0], lo:hi]
-        top = np.float32(-np.inf)
-        for j in range(a, b):
-            row[j] = row[j] * scale + m[j]
-            top = max(top, row[j])
-        acc = 0.0  # float64, as in the other softmax kernels
-        for j in range(a, b):
-            row[j] = np.exp(row[j] - top)
-            acc += row[j]
-        total[r] = acc
-
-    # out = (sum_j e_j v_j) / (sum_j e_j): the softmax's division is done once per output
-    # instead of once per key. Each row of v is loaded once for the whole block of rows.
-    out[:, :] = 0.0
-    for j in range(lo, hi):
-        for r in range(R):
-            _axpy(s[r, j - lo], v[j], out[r])
-    for r in range(R):
-        for e in range(out.shape[1]):
-            out[r, e] /= total[r]
+@numba.njit(cache=True, fastmath=False, error_model="numpy")
+def _key_range(mask, t0, t1):
+    """The keys [lo, hi) that some query row t0 <= t < t1 may see, over every batch row and head
+    of ``mask`` [B or 1, H or 1, T or 1, S]."""
+    S = mask.shape[3]
+    lo, hi = S, 0
+    rows = range(t0, t1) if mask.shape[2] > 1 else range(1)
+    for b in range(mask.shape[0]):
+        for h in range(mask.shape[1]):
+            for t in rows:
+                first, last = _visible_keys(mask[b, h, t])
+                lo, hi = min(lo, first), max(hi, last)
+    return lo, hi
 
 
-@numba.njit(cache=True, fastmath=False)
-def _attention_task(task, q, kT, v, mask, scale, out):
-    """One task of the loop over tasks: ROWS query rows of one head of one batch row."""
-    B, H, T, _ = q.shape
-    group = H // kT.shape[1]
-    n_blocks = (T + ROWS - 1) // ROWS
-    b, h, block = task // (H * n_blocks), task // n_blocks % H, task % n_blocks
-    t0, t1 = block * ROWS, min(block * ROWS + ROWS, T)
-    # Grouped-query attention without repeat_kv: query head h reads key/value head
-    # h // (H / K) where it is, instead of a copy of it made for each of the H / K heads.
-    kv = h // group
+@numba.njit(cache=True, fastmath=False, error_model="numpy")
+def _softmax_row(x, m, scale):
+    """x <- softmax(x * scale + m) for one row of scores x [W] and its mask row m [W]."""
+    for j in range(x.shape[0]):
+        x[j] = x[j] * scale + m[j]
+    exp_inplace(x, row_max(x))
+    t = np.float32(total(x))
+    for j in range(x.shape[0]):
+        x[j] /= t
+
+
+@numba.njit(cache=True, fastmath=False, error_model="numpy")
+def _softmax_task(i, s, mask, scale, t0, lo):
+    """Row i of the scores s [B, K, R, G, W]: query t0 + r of head kv * G + g, against keys
+    lo..lo + W."""
+    B, K, R, G, W = s.shape
+    b, kv, r, g = i // (K * R * G), i // (R * G) % K, i // G % R, i % G
     # The mask's batch, head and query axes have length 1 when they are shared (broadcast).
-    m = mask[b % mask.shape[0], h % mask.shape[1]]
-    m = m[t0:t1] if m.shape[0] == T else m
-    _attention_rows(q[b, h, t0:t1], kT[b, kv], v[b, kv], m, scale, out[b, h, t0:t1])
+    m = mask[b % mask.shape[0], (kv * G + g) % mask.shape[1],
+             t0 + r if mask.shape[2] > 1 else 0, lo:lo + W]
+    _softmax_row(s[b, kv, r, g], m, scale)
 
 
-@numba.njit(cache=True, fastmath=False, parallel=True)
-def _attention_parallel(q, k, v, mask, scale, out):
-    """q [B, H, T, Dh], k [B, K, S, Dh], v [B, K, S, Dv], mask [B or 1, H or 1, T or 1, S]
-    -> out [B, H, T, Dv]."""
-    B, H, T, _ = q.shape
-    K, S, Dh = k.shape[1:]
-    kT = np.empty((B, K, Dh, S), np.float32)  # see _attention_rows: keys transposed, once
-    for bk in numba.prange(B * K):
-        _transpose(k[bk // K, bk % K], kT[bk // K, bk % K])
-    for task in numba.prange(B * H * ((T + ROWS - 1) // ROWS)):
-        _attention_task(task, q, kT, v, mask, scale, out)
+@numba.njit(cache=True, fastmath=False, parallel=True, error_model="numpy")
+def _softmax_parallel(s, mask, scale, t0, lo):
+    """s [B, K, R, G, W] <- softmax(s * scale + mask) along W, every row in place."""
+    for i in numba.prange(s.shape[0] * s.shape[1] * s.shape[2] * s.shape[3]):
+        _softmax_task(i, s, mask, scale, t0, lo)
 
 
-@numba.njit(cache=True, fastmath=False)
-def _attention_serial(q, k, v, mask, scale, out):
-    B, H, T, _ = q.shape
-    K, S, Dh = k.shape[1:]
-    kT = np.empty((B, K, Dh, S), np.float32)
-    for bk in range(B * K):
-        _transpose(k[bk // K, bk % K], kT[bk // K, bk % K])
-    for task in range(B * H * ((T + ROWS - 1) // ROWS)):
-        _attention_task(task, q, kT, v, mask, scale, out)
+@numba.njit(cache=True, fastmath=False, error_model="numpy")
+def _softmax_serial(s, mask, scale, t0, lo):
+    for i in range(s.shape[0] * s.shape[1] * s.shape[2] * s.shape[3]):
+        _softmax_task(i, s, mask, scale, t0, lo)
 
 
-@numba.njit(cache=True, fastmath=False)
-def _decode_task(task, q, k_cache, v_cache, length, scale, out):
-    """The G = H / K query heads of one key/value head (one task) against the filled cache."""
-    K, Dh = k_cache.shape[1], k_cache.shape[3]
-    b, kv = task // K, task % K
-    kT = np.empty((Dh, length), np.float32)
-    _transpose(k_cache[b, kv, :length], kT)
-    no_mask = np.zeros((1, length), np.float32)
-    _attention_rows(q[b, kv], kT, v_cache[b, kv, :length], no_mask, scale, out[b, kv])
-
-
-@numba.njit(cache=True, fastmath=False, parallel=True)
-def _decode_parallel(q, k_cache, v_cache, length, scale, out):
-    """q [B, K, G, Dh], k_cache, v_cache [B, K, S_max, Dh] -> out [B, K, G, Dh]."""
-    for task in numba.prange(q.shape[0] * q.shape[1]):
-        _decode_task(task, q, k_cache, v_cache, length, scale, out)
-
-
-@numba.njit(cache=True, fastmath=False)
-def _decode_serial(q, k_cache, v_cache, length, scale, out):
-    for task in range(q.shape[0] * q.shape[1]):
-        _decode_task(task, q, k_cache, v_cache, length, scale, out)
+def _scores(q, kT):
+    """q k^T for the queries of each key/value head, q [B, K, R * G, Dh], and its keys
+    transposed, kT [B, K, Dh, W] (a view of k: no copy, no repeat) -> [B, K, R * G, W]."""
+    return np.matmul(q, kT)
 
 
 def _attention(q, k, v, mask):
-    """The kernel on arrays with one batch axis: q [B, H, T, Dh], k, v [B, K, S, Dh], mask
-    [B or 1, H or 1, T or 1, S] -> [B, H, T, Dh]."""
+    """q [B, H, T, Dh], k, v [B, K, S, Dh], mask [B or 1, H or 1, T or 1, S] -> [B, H, T, Dh]
+    (a view of a [B, T, H, Dh] array: merge_heads is then free)."""
     B, H, T, Dh = q.shape
-    out = np.empty(q.shape[:3] + v.shape[-1:], np.float32)
+    K, S = k.shape[1:3]
+    G = H // K
+    q = q.reshape(B, K, G, T, Dh)  # head h = kv * G + g, as repeat_kv pairs them
+    kT = np.swapaxes(k, -1, -2)    # [B, K, Dh, S]: a view, no copy
+    out = np.empty((B, T, K, G, Dh), np.float32)
     scale = np.float32(Dh ** -0.5)  # as the NumPy version: (q k^T) * Dh ** -0.5
-    work = B * H * T * k.shape[-2] * Dh
-    run = _attention_serial if work < SERIAL_ATTENTION_BELOW else _attention_parallel
-    # k may be a strided view (a KV cache): it is read once, to transpose it. v is read once
-    # per block of rows: a contiguous copy first is cheaper than strided reads each time.
-    run(np.ascontiguousarray(q), k, np.ascontiguousarray(v), np.ascontiguousarray(mask), scale, out)
-    return out
+    run = _softmax_serial if B * H * T * S * Dh < SERIAL_ATTENTION_BELOW else _softmax_parallel
+    for t0 in range(0, T, ROWS):
+        t1 = min(t0 + ROWS, T)
+        R = t1 - t0
+        lo, hi = _key_range(mask, t0, t1)
+        # The G query heads of a key/value head, rows (t, g): one matrix [R * G, Dh], so each
+        # product is one call of BLAS per key/value head, with G times the rows.
+        rows = q[:, :, :, t0:t1].transpose(0, 1, 3, 2, 4).reshape(B, K, R * G, Dh)
+        s = _scores(rows, kT[..., lo:hi])  # [B, K, R * G, hi - lo]
+        run(s.reshape(B, K, R, G, hi - lo), mask, scale, t0, lo)
+        o = np.matmul(s, v[:, :, lo:hi])  # [B, K, R * G, Dh]
+        out[:, t0:t1] = o.reshape(B, K, R, G, Dh).transpose(0, 2, 1, 3, 4)
+    return out.reshape(B, T, H, Dh).transpose(0, 2, 1, 3)
 
 
 def _batch_axis(x, lead):
@@ -229,8 +170,9 @@ def grouped_query_attention(q, k, v, mask=None):
                          f"axes of q, k and v, got shape {mask.shape}")
     if mask.shape[-1] != S:  # a mask shared by all keys: the kernel reads whole rows
         mask = np.broadcast_to(mask, mask.shape[:-1] + (S,))
-    out = _attention(_batch_axis(q, lead), _batch_axis(k, lead), _batch_axis(v, lead),
-                     _batch_axis(mask, lead))
+    lead_q = _batch_axis(q, lead)
+    out = _attention(lead_q, _batch_axis(k, lead), _batch_axis(v, lead),
+                     np.ascontiguousarray(_batch_axis(mask, lead)))
     return out.reshape(lead + out.shape[1:])
 
 
@@ -241,9 +183,9 @@ def decode_attention(q, k_cache, v_cache, length):
     filled -> [..., H, 1, Dh].
 
     No mask, as in the NumPy version: the new token may see every filled position. The H / K
-    query heads of a group then ask the same question of the same keys, so they are passed to
-    the kernel as H / K query rows of a single head: each key and value is loaded once for the
-    whole group.
+    query heads of a group then ask the same question of the same keys, so they are one
+    product of H / K query rows with the group's keys: each key and value is read once for the
+    whole group, and nothing past ``length`` is read.
     """
     q = as_array(q, "q", "[..., H, 1, Dh]")
     k_cache = as_array(k_cache, "k_cache", "[..., K, S_max, Dh]")
@@ -260,12 +202,16 @@ def decode_attention(q, k_cache, v_cache, length):
         raise ValueError(f"the query heads H must be a multiple of the key/value heads K, got H={H}, K={K}")
     if Dh != k_cache.shape[-1]:
         raise ValueError(f"q and k_cache must have the same head width Dh, got {Dh} and {k_cache.shape[-1]}")
-    lead = np.broadcast_shapes(q.shape[:-3], k_cache.shape[:-3])
-    rows = _batch_axis(q, lead).reshape(-1, K, H // K, Dh)  # [B, K, H / K, Dh]: head h = kv, g
-    # The caches are passed whole (no copy): the kernel reads their first `length` positions.
-    k_cache = np.ascontiguousarray(_batch_axis(k_cache, lead))
-    v_cache = np.ascontiguousarray(_batch_axis(v_cache, lead))
-    out = np.empty_like(rows)
-    run = _decode_serial if rows.size * length < SERIAL_ATTENTION_BELOW else _decode_parallel
-    run(np.ascontiguousarray(rows), k_cache, v_cache, length, np.float32(Dh ** -0.5), out)
+    lead = q.shape[:-3]
+    if k_cache.shape[:-3] != lead:
+        lead = np.broadcast_shapes(lead, k_cache.shape[:-3])
+    G = H // K
+    rows = _batch_axis(q, lead).reshape(-1, K, G, Dh)  # [B, K, G, Dh]: head h = kv * G + g
+    k = _batch_axis(k_cache, lead)[:, :, :length]  # views of the filled positions
+    v = _batch_axis(v_cache, lead)[:, :, :length]
+    s = _scores(rows, np.swapaxes(k, -1, -2))  # [B, K, G, length]
+    no_mask = np.zeros((1, 1, 1, length), np.float32)
+    run = _softmax_serial if rows.size * length < SERIAL_ATTENTION_BELOW else _softmax_parallel
+    run(s.reshape(-1, K, 1, G, length), no_mask, np.float32(Dh ** -0.5), 0, 0)
+    out = np.matmul(s, v)  # [B, K, G, Dh]
     return out.reshape(lead + (H, 1, Dh))

@@ -21,6 +21,7 @@ import numpy as np
 from npllm.backend import get_backend
 from npllm.equations import (causal_mask, lm_head, merge_heads, rope_cos_sin,
                              rope_inverse_frequencies, split_heads)
+from npllm.model.weights import stack_adjacent
 
 MASKED = np.finfo(np.float32).min
 
@@ -32,6 +33,26 @@ def linear(x, weight):
     hands one large matrix product to BLAS.
     """
     return (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linears(x, weights, fuse=False):
+    r"""Several linear layers of the same input: ``[linear(x, w) for w in weights]``.
+
+    With ``fuse`` (the Numba backend), weights that lie one after another in memory (see
+    :func:`npllm.model.weights.stack_adjacent`) are one matrix :math:`[W_1; W_2]`, so
+    :math:`x [W_1; W_2]^\top = [x W_1^\top, x W_2^\top]` is one larger matrix product (one call of
+    BLAS instead of two), whose columns are then split: views, no copy.
+    """
+    if not fuse:
+        return [linear(x, w) for w in weights]
+    out = [None] * len(weights)
+    for w, which in stack_adjacent(weights):
+        y = linear(x, w)
+        start = 0
+        for i in which:
+            out[i] = y[..., start:start + weights[i].shape[0]]
+            start += weights[i].shape[0]
+    return out
 
 
 @dataclass
@@ -86,12 +107,16 @@ class KVCache:
 
 
 def attention_block(x, weights, prefix, config, cos, sin, mask, be, cache=None, layer=0,
-                    trace=None):
-    """Self-attention of one decoder layer: x [B, T, D] -> [B, T, D]."""
+                    trace=None, decoding=False):
+    """Self-attention of one decoder layer: x [B, T, D] -> [B, T, D].
+
+    ``decoding``: one new token per sequence, no padding, and a ``cache``: it attends to every
+    cached position, which :func:`~npllm.equations.decode_attention` does without a mask.
+    """
     H, K = config.num_attention_heads, config.num_key_value_heads
-    q = split_heads(linear(x, weights[prefix + "q_proj.weight"]), H)  # [B, H, T, Dh]
-    k = split_heads(linear(x, weights[prefix + "k_proj.weight"]), K)  # [B, K, T, Dh]
-    v = split_heads(linear(x, weights[prefix + "v_proj.weight"]), K)
+    q, k, v = linears(x, [weights[prefix + n + "_proj.weight"] for n in "qkv"],
+                      fuse=be.name != "numpy")
+    q, k, v = split_heads(q, H), split_heads(k, K), split_heads(v, K)  # [B, H or K, T, Dh]
     if trace is not None:
         trace.keep(f"layers.{layer}.q", q)
         trace.keep(f"layers.{layer}.k", k)
@@ -101,7 +126,10 @@ def attention_block(x, weights, prefix, config, cos, sin, mask, be, cache=None, 
         k, v = cache.update(layer, k, v)  # [B, K, S, Dh]
     if trace is not None:
         trace.attention(layer, q, k, v, mask)
-    out = be.grouped_query_attention(q, k, v, mask)  # [B, H, T, Dh]
+    if decoding:
+        out = be.decode_attention(q, cache.keys[layer], cache.values[layer], k.shape[2])
+    else:
+        out = be.grouped_query_attention(q, k, v, mask)  # [B, H, T, Dh]
     if trace is not None:
         trace.keep(f"layers.{layer}.heads", out)
     return linear(merge_heads(out), weights[prefix + "o_proj.weight"])
@@ -109,14 +137,14 @@ def attention_block(x, weights, prefix, config, cos, sin, mask, be, cache=None, 
 
 def rope(x, cos, sin, be):
     """RoPE for x [B, n, T, Dh] with per-sequence cos, sin [B, T, Dh] (positions differ per row
-    when a batch is padded on the left)."""
-    return np.stack([be.apply_rope(x[b], cos[b], sin[b]) for b in range(x.shape[0])])
+    when a batch is padded on the left), shared by the n heads."""
+    return be.apply_rope(x, cos[:, None], sin[:, None])
 
 
 def mlp_block(x, weights, prefix, be, layer=0, trace=None):
     r"""The SwiGLU MLP, ``down(silu(gate x) * up x)``: x [B, T, D] -> [B, T, D] through width F."""
-    gate = linear(x, weights[prefix + "gate_proj.weight"])  # [B, T, F]
-    up = linear(x, weights[prefix + "up_proj.weight"])
+    gate, up = linears(x, [weights[prefix + "gate_proj.weight"], weights[prefix + "up_proj.weight"]],
+                       fuse=be.name != "numpy")  # [B, T, F] each
     if trace is not None:
         trace.mlp(layer, gate, up)
     return linear(be.swiglu(gate, up), weights[prefix + "down_proj.weight"])
@@ -146,12 +174,22 @@ def positions_and_mask(B, T, past, attention_mask):
 
 
 def forward(weights, config, input_ids, cache=None, attention_mask=None, backend=None,
-            trace=None):
+            trace=None, logits_to_keep=None, targets=None):
     r"""Logits for every position: token ids [T] or [B, T] -> logits [T, V] or [B, T, V].
 
     ``logits[t]`` scores the token that follows ``input_ids[: t + 1]``. With a ``cache``
     (:class:`KVCache`), ``input_ids`` are the *new* tokens; their keys and values are appended
     and the cache's length advances. ``trace`` (see :mod:`npllm.trace`) keeps intermediates.
+
+    Two ways to ask for less than every logit (the LM head is a [D, V] matrix product per
+    position, a fifth of the model's work):
+
+    - ``logits_to_keep=n``: the logits of the last n positions only, [n, V] or [B, n, V]
+      (transformers' argument of the same name; generation needs only the last position's).
+    - ``targets`` (ints shaped like ``input_ids``, or like the kept positions): instead of the
+      logits, :math:`\log P(\text{targets}[t] \mid \text{input\_ids}[:t+1])`, [T] or [B, T],
+      as ``token_log_probs(logits, targets)`` computes them from the logits (lecture 000's chain
+      rule, for scoring). The Numba backend then never holds the [T, V] logits at once.
     """
     be = get_backend(backend)
     ids = np.asarray(input_ids)
@@ -166,11 +204,25 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
     if ids.min() < 0 or ids.max() >= config.vocab_size:
         raise ValueError(f"input_ids must lie in [0, {config.vocab_size}), got ids from "
                          f"{ids.min()} to {ids.max()}")
+    if logits_to_keep is not None and not 0 < logits_to_keep <= T:
+        raise ValueError(f"logits_to_keep must be between 1 and the {T} new tokens, "
+                         f"got {logits_to_keep}")
+    kept = logits_to_keep or T
+    if targets is not None:
+        targets = np.asarray(targets)
+        if targets.shape != ids.shape[single:-1] + (kept,) or not np.issubdtype(
+                targets.dtype, np.integer):
+            raise ValueError(f"targets must be integers shaped like the kept positions "
+                             f"{ids.shape[single:-1] + (kept,)}, got {targets.dtype} "
+                             f"{targets.shape}")
+        if targets.size and (targets.min() < 0 or targets.max() >= config.vocab_size):
+            raise ValueError(f"targets must lie in [0, {config.vocab_size})")
     past = cache.length if cache is not None else 0
     positions, mask = positions_and_mask(B, T, past, attention_mask)
     cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(config.head_dim, config.rope_theta))
     if cache is not None:
         cache.reserve(T)
+    decoding = cache is not None and T == 1 and attention_mask is None
 
     eps = config.rms_norm_eps
     x = weights["model.embed_tokens.weight"][ids]  # [B, T, D]
@@ -180,7 +232,7 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
         p = f"model.layers.{i}."
         h = be.rms_norm(x, weights[p + "input_layernorm.weight"], eps)
         a = attention_block(h, weights, p + "self_attn.", config, cos, sin, mask, be,
-                            cache, i, trace)
+                            cache, i, trace, decoding=decoding)
         if trace is not None:
             trace.keep(f"layers.{i}.attn_norm", h)
             trace.keep(f"layers.{i}.attn_output", a)
@@ -195,13 +247,19 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
         if trace is not None:
             trace.keep(f"layers.{i}.output", x)
     x = be.rms_norm(x, weights["model.norm.weight"], eps)
-    logits = lm_head(x, weights["lm_head.weight"])  # [B, T, V]
     if trace is not None:
         trace.keep("norm", x)
-        trace.keep("logits", logits)
+    x = x[:, T - kept:]  # the positions whose predictions are wanted
+    W = weights["lm_head.weight"]
+    if targets is None:  # logits [B, T, V], from one [B * T, D] x [D, V] product
+        out = lm_head(x.reshape(-1, x.shape[-1]), W).reshape(B, kept, -1)
+    else:  # log P(targets | ...) [B, T]: the LM head and log-softmax at the targets
+        out = be.lm_head_log_probs(x, W, targets.reshape(B, kept))
+    if trace is not None:
+        trace.keep("logits", out if targets is None else (lambda: lm_head(x, W)))
     if cache is not None:
         cache.length += T
-    return logits[0] if single else logits
+    return out[0] if single else out
 
 
 class Model:
@@ -215,10 +273,11 @@ class Model:
         self.config, self.weights, self.tokenizer = config, weights, tokenizer
         self.source, self.folder, self.backend = source, folder, backend
 
-    def forward(self, input_ids, cache=None, attention_mask=None, backend=None, trace=None):
+    def forward(self, input_ids, cache=None, attention_mask=None, backend=None, trace=None,
+                logits_to_keep=None, targets=None):
         return forward(self.weights, self.config, input_ids, cache=cache,
                        attention_mask=attention_mask, backend=backend or self.backend,
-                       trace=trace)
+                       trace=trace, logits_to_keep=logits_to_keep, targets=targets)
 
     __call__ = forward
 

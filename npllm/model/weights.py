@@ -45,6 +45,7 @@ import json
 import math
 import os
 import re
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +293,67 @@ def _as_float32(name, path, mapped, entry, data_start):
         array = raw.view("<f8").reshape(shape).astype(np.float32)
     array.flags.writeable = False
     return array
+
+
+
+_STACKED = {}  # stack_adjacent's results, by the ids of its arrays (see there)
+
+
+def stack_adjacent(arrays):
+    """Group 2-D arrays [n_i, D] that lie one after another in memory into single arrays.
+
+    Returns ``[(array, indices), ...]`` covering every input once: ``array`` is
+    ``arrays[indices[0]]`` stacked on ``arrays[indices[1]]`` ... along the rows, a view of the
+    same memory, never a copy. Arrays stored next to each other in a memory-mapped file (as
+    ``mlp.gate_proj`` and ``mlp.up_proj`` are in the files transformers and npllm's GGUF import
+    write, and ``self_attn.q_proj`` and ``v_proj`` in the latter) form one group, the others a
+    group each. The forward pass multiplies x by each group in one matrix product: one call of
+    BLAS instead of several, on a larger matrix (see ``npllm.model.llama.linears``).
+    Read-only, like the weights.
+
+    The forward pass asks this for the same weights at every call (decoding: every token), so
+    the answer is kept, by the arrays' ids, and checked against weak references to them; it is
+    dropped when one of the arrays is freed.
+    """
+    key = tuple(map(id, arrays))
+    known = _STACKED.get(key)
+    if known is not None and all(ref() is a for ref, a in zip(known[0], arrays)):
+        return known[1]  # the forward pass asks for the same weights at every call
+    groups = _stack_groups(arrays)
+    _STACKED[key] = (tuple(weakref.ref(a) for a in arrays), groups)
+    for a in arrays:  # forget them when the weights go (the groups hold the memory map)
+        weakref.finalize(a, _STACKED.pop, key, None)
+    return groups
+
+
+def _stack_groups(arrays):
+    where = [a.ctypes.data for a in arrays]
+    roots = [_root(a) for a in arrays]
+    order = sorted(range(len(arrays)), key=where.__getitem__)
+    groups = [[order[0]]]
+    for i in order[1:]:
+        j = groups[-1][-1]
+        a, b = arrays[j], arrays[i]
+        if (roots[i] is roots[j] and where[j] + a.nbytes == where[i] and a.ndim == b.ndim == 2
+                and a.flags.c_contiguous and b.flags.c_contiguous and a.dtype == b.dtype
+                and a.shape[1] == b.shape[1]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    out = []
+    for g in groups:
+        first = arrays[g[0]]
+        if len(g) > 1:
+            root = roots[g[0]]
+            first = np.ndarray((sum(arrays[i].shape[0] for i in g), first.shape[1]), first.dtype,
+                               buffer=root, offset=where[g[0]] - root.ctypes.data)
+            first.flags.writeable = False
+        out.append((first, g))
+    return out
+
+
+def _root(a):
+    """The array that owns the memory of ``a`` (the memory map, for mapped tensors)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
