@@ -317,8 +317,9 @@ def _loop(model, prompt_ids, max_new_tokens, settings, seed, use_cache, stop, ig
     start = time.perf_counter()
     for _ in range(max_new_tokens):
         # With the cache, feed only what the cache has not seen (the prompt, then one token);
-        # without it, the whole prefix again.
-        logits = model(np.asarray(feed if use_cache else ids), cache=cache, backend=backend)[-1]
+        # without it, the whole prefix again. Only the last position's logits are needed.
+        logits = model(np.asarray(feed if use_cache else ids), cache=cache, backend=backend,
+                       logits_to_keep=1)[-1]
         token, filtered = next_token(logits, rng, do_sample, temperature, top_k, top_p)
         if not new_ids:
             first_token_seconds = time.perf_counter() - start

@@ -276,7 +276,8 @@ def test_batch_invariance_50_texts_batches_of_1_7_32(tiny):
 
 
 def test_batches_are_cut_by_token_budget(tiny, monkeypatch):
-    """Long rows are not padded together with short ones beyond twice their length."""
+    """A long row is not padded together with short ones (a pass of its own is cheaper), and no
+    batch exceeds the token budget."""
     model, _ = tiny
     calls = []
     real = type(model).forward
@@ -290,6 +291,19 @@ def test_batches_are_cut_by_token_budget(tiny, monkeypatch):
     score(model, ["a b", CORPUS[:600], "c d e", "f"], batch_size=4)
     assert all(b * t <= MAX_BATCH_TOKENS or b == 1 for b, t in calls)
     assert any(b == 1 and t > 100 for b, t in calls)  # the long text went alone
+
+
+def test_log_probs_alone_equal_log_probs_from_the_logits(tiny):
+    """Asking only for log-probabilities takes the fused path (forward(..., targets=)); asking
+    for ranks too takes the logits, then log-softmax. Same numbers up to float32 rounding of a
+    log-softmax over V (1e-5)."""
+    model, _ = tiny
+    texts = corpus_texts(12, seed=5)
+    fused = score(model, texts, batch_size=5)
+    from_logits = score(model, texts, batch_size=5, with_rank=True)
+    for a, b in zip(fused, from_logits):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.log_probs, b.log_probs, atol=1e-5, rtol=0)
 
 
 def test_skip_gives_bit_identical_results(tiny):
