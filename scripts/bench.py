@@ -3,6 +3,7 @@
     python scripts/bench.py                      # the full run (`make bench`), a few minutes
     python scripts/bench.py --quick              # fewer repeats, 200 sentences: about a minute
     python scripts/bench.py --threads 1 --json bench.json
+    python scripts/bench.py --smoke --threads 1  # does it run, do both sides agree (the tests)
 
 What is measured (DESIGN.md's performance targets; ratios are npllm / transformers):
 
@@ -177,7 +178,7 @@ class NpllmWorker:
             return {"flops": self.forward_flops(TEXT_TOKENS)}
         if task in ("decode_cache", "decode_nocache"):
             from npllm.generate import generate
-            g = generate(self.model, data["ids"], NEW_TOKENS, ignore_eos=True,
+            g = generate(self.model, data["ids"], data["new_tokens"], ignore_eos=True,
                          use_cache=task == "decode_cache")
             return {"ids": g.ids}
         if task == "batch":
@@ -253,8 +254,8 @@ class TorchWorker:
             if task in ("decode_cache", "decode_nocache"):
                 ids = torch.tensor([data["ids"]])
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                          do_sample=False, max_new_tokens=NEW_TOKENS,
-                                          min_new_tokens=NEW_TOKENS,
+                                          do_sample=False, max_new_tokens=data["new_tokens"],
+                                          min_new_tokens=data["new_tokens"],
                                           use_cache=task == "decode_cache",
                                           pad_token_id=0)
                 return {"ids": out[0, ids.shape[1]:].tolist()}
@@ -415,14 +416,18 @@ def main():
     parser.add_argument("--sentences", type=int, default=None, help="default 1000 (quick: 200)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--no-torch", action="store_true", help="npllm only (no ratios)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check that the script runs and both sides agree: one round, 16 "
+                             "sentences, 4 new tokens, no compile probe (numbers meaningless)")
     parser.add_argument("--worker", choices=["npllm", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--model-folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker_main(args)
 
-    repeats = args.repeats or (3 if args.quick else 5)
-    n_sentences = args.sentences or (200 if args.quick else 1000)
+    repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 5)
+    n_sentences = args.sentences or (16 if args.smoke else 200 if args.quick else 1000)
+    new_tokens = 4 if args.smoke else NEW_TOKENS
     env = thread_env(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -443,10 +448,14 @@ def main():
             log(f"note: {name}={os.environ[name]} is set; it can make numpy's OpenBLAS choose a "
                 "slower kernel (see 'blas' below)")
 
-    log("compile probe (fresh Numba cache) ...")
-    with tempfile.TemporaryDirectory() as cache_dir:
-        cold = probe(COMPILE_PROBE, [args.model_folder], dict(env, NUMBA_CACHE_DIR=cache_dir))
-    warm = probe(COMPILE_PROBE, [args.model_folder], env)
+    if args.smoke:
+        cold = warm = {"first_s": float("nan"), "warm_s": float("nan")}
+    else:
+        log("compile probe (fresh Numba cache) ...")
+        with tempfile.TemporaryDirectory() as cache_dir:
+            cold = probe(COMPILE_PROBE, [args.model_folder],
+                         dict(env, NUMBA_CACHE_DIR=cache_dir))
+        warm = probe(COMPILE_PROBE, [args.model_folder], env)
 
     log("starting workers ...")
     workers = [Worker("npllm", args, env)]
@@ -469,10 +478,10 @@ def main():
     res["score512_api"] = interleaved([np_worker], "score512_api", {"text": enc["text"]},
                                       repeats, log)
     log("decode with the cache ...")
-    res["decode_cache"] = interleaved(workers, "decode_cache", {"ids": enc["prompt"]}, repeats,
-                                      log)
+    decode = {"ids": enc["prompt"], "new_tokens": new_tokens}
+    res["decode_cache"] = interleaved(workers, "decode_cache", decode, repeats, log)
     log("decode without the cache ...")
-    res["decode_nocache"] = interleaved(workers, "decode_nocache", {"ids": enc["prompt"]},
+    res["decode_nocache"] = interleaved(workers, "decode_nocache", decode,
                                         max(1, repeats // 2 + 1), log)
     log(f"score {n_sentences} sentences ...")
     res["batch"] = interleaved(workers, "batch",
@@ -484,7 +493,7 @@ def main():
     load_after = os.getloadavg()
 
     report = summarise(args, info, res, memory, cold, warm, workers, load_before, load_after,
-                       n_sentences, repeats)
+                       n_sentences, repeats, new_tokens)
     print_table(report)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -493,7 +502,7 @@ def main():
 
 
 def summarise(args, info, res, memory, cold, warm, workers, load_before, load_after,
-              n_sentences, repeats):
+              n_sentences, repeats, new_tokens=NEW_TOKENS):
     med = {k: v[0] for k, v in res.items()}
     check = {k: v[3] for k, v in res.items()}
     npi = info["npllm"]
@@ -524,12 +533,12 @@ def summarise(args, info, res, memory, cold, warm, workers, load_before, load_af
     rows[-1]["numpy_matmul"] = numpy_peak
     rows[-1]["fraction_of_numpy"] = achieved / numpy_peak
     row("  npllm.score(text) end to end", "tokens/s", (TEXT_TOKENS - 1) / t("score512_api", "npllm"))
-    dc = NEW_TOKENS / t("decode_cache", "npllm")
-    dn = NEW_TOKENS / t("decode_nocache", "npllm")
-    row("decode 64 tokens, KV cache", "tokens/s", dc,
-        NEW_TOKENS / t("decode_cache", "torch") if torch_on else None, ">= 3x")
-    row("decode 64 tokens, no cache", "tokens/s", dn,
-        NEW_TOKENS / t("decode_nocache", "torch") if torch_on else None)
+    dc = new_tokens / t("decode_cache", "npllm")
+    dn = new_tokens / t("decode_nocache", "npllm")
+    row(f"decode {new_tokens} tokens, KV cache", "tokens/s", dc,
+        new_tokens / t("decode_cache", "torch") if torch_on else None, ">= 3x")
+    row(f"decode {new_tokens} tokens, no cache", "tokens/s", dn,
+        new_tokens / t("decode_nocache", "torch") if torch_on else None)
     row("  KV cache speed-up", "x", dc / dn,
         t("decode_nocache", "torch") / t("decode_cache", "torch") if torch_on else None)
     row(f"score {n_sentences} sentences, batches of {BATCH_SIZE}", "sentences/s",

@@ -1,0 +1,38 @@
+"""scripts/bench.py runs end to end and both sides compute the same things (issue 6).
+
+Not a timing test: speed is read from `make bench`'s table, never asserted. `--smoke` makes
+every measurement once on tiny work (16 sentences, 4 new tokens); this checks that the script
+has not rotted and that npllm and transformers score and decode the same way in it.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.real_model
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+def test_bench_smoke_runs_and_both_sides_agree(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--threads", "1",
+                          "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["measure"].strip(): r for r in report["rows"]}
+    for name in ("score 512 tokens", "decode 4 tokens, KV cache", "decode 4 tokens, no cache",
+                 "score 16 sentences, batches of 16"):
+        assert rows[name]["npllm"] > 0 and rows[name]["ratio"] > 0, name
+    assert 0 < rows["peak RSS: load + score 512 tokens (fresh process)"]["fraction_of_weights"]
+    assert "score 512 tokens" in run.stdout  # the table
+    checks = report["checks"]
+    assert checks["decode_same_tokens"] == {"cache": True, "no_cache": True}
+    assert checks["npllm_cache_equals_recompute"]
+    # Per-token log-probs agree within 1e-4 (tests/test_score_default_model.py), so totals of
+    # 511 tokens within 511e-4 and of a short sentence (< 30 tokens) within 3e-3.
+    total = checks["score512_total_logprob"]
+    assert abs(total["npllm"] - total["transformers"]) < 511e-4
+    assert checks["batch_max_abs_diff_nats"] < 3e-3
