@@ -5,8 +5,10 @@ names with the same signatures and give the same numbers (``tests/test_kernels.p
 Select with the environment variable ``NPLLM_BACKEND=numpy|numba`` or the ``backend`` argument
 of the functions that run the model; the default is ``numba``.
 """
+import math
 import os
 import sys
+import time
 from types import SimpleNamespace
 
 BACKENDS = ("numba", "numpy")
@@ -53,3 +55,23 @@ def get_backend(name=None):
         fused = sys.modules[__name__]  # the compositions above
     return SimpleNamespace(name=name, **{f: getattr(module, f) for f in HOT_FUNCTIONS},
                            **{f: getattr(fused, f) for f in FUSED_FUNCTIONS})
+
+
+# OpenBLAS's worker threads keep spinning for about 0.1 s after each matrix product, ready for
+# the next one (OPENBLAS_THREAD_TIMEOUT). A Numba parallel loop started meanwhile shares a core
+# with a spinning thread and waits for it: the first decoding step after a prompt's forward pass
+# took 60 to 110 ms instead of 10 (2 cores). So the forward pass notes when it ran BLAS
+# products, and the products with packed weights run on one thread until BLAS_SPIN_SECONDS
+# later (see npllm.kernels._parallel).
+BLAS_SPIN_SECONDS = 0.12
+_blas = {"last": -math.inf}
+
+
+def note_blas_products():
+    """Record that BLAS products (with its thread pool) ran just now."""
+    _blas["last"] = time.monotonic()
+
+
+def blas_threads_spinning():
+    """Whether BLAS's threads may still be spinning after the last noted products."""
+    return time.monotonic() - _blas["last"] < BLAS_SPIN_SECONDS

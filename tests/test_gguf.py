@@ -342,7 +342,8 @@ def test_default_config(converted):
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": "float32",
     }
-    assert {p.name for p in converted.iterdir()} == FOLDER_FILES
+    # ... and the Q4_1 / Q8_0 matrices as stored (tests/test_quantized.py)
+    assert {p.name for p in converted.iterdir()} == FOLDER_FILES | {"model.ggml.safetensors"}
     source = json.loads((converted / "npllm_source.json").read_text())
     assert source["quantization"] == "Q4_1" and source["dtype"] == "float32"
     assert source["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}

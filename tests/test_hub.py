@@ -5,6 +5,7 @@ hub.py's caching and atomicity on their own; the real converter is exercised by 
 ``real_model`` test at the end (and by tests/test_default_model.py).
 """
 import importlib.metadata
+import json
 import shutil
 import sys
 import threading
@@ -20,7 +21,7 @@ from tiny_models import tiny_llama
 from npllm.errors import ModelNotFoundError, NpllmError, WeightsError
 from npllm.model import hub
 from npllm.model.config import LlamaConfig
-from npllm.model.weights import load_weights
+from npllm.model.weights import load_packed, load_weights
 
 
 @pytest.fixture(autouse=True)
@@ -190,7 +191,8 @@ def test_import_that_loses_the_race_uses_the_winner(tmp_path, monkeypatch):
         target = final / name.split(".tmp-")[0].lstrip(".")
         shutil.copytree(tiny_llama(), target)
         key = hub._file_key(gguf_path)
-        (target / hub.IMPORT_MARKER).write_text(f'{{"key": "{key}"}}')
+        (target / hub.IMPORT_MARKER).write_text(
+            f'{{"key": "{key}", "format": {hub.IMPORT_FORMAT}}}')
         winner["folder"] = target
 
     FakeConverter(monkeypatch, action=another_process_finishes_first)
@@ -207,6 +209,22 @@ def test_stale_import_is_replaced(tmp_path, monkeypatch):
     assert hub.resolve(gguf)[0] == folder
     assert not (folder / "stale-file").exists() and hub._imported_key(folder) == hub._file_key(gguf)
     assert leftovers(tmp_path) == []
+
+
+def test_import_of_an_older_format_is_done_again(tmp_path, monkeypatch):
+    """A folder imported by an older npllm (its marker has no "format": format 1, without the
+    packed weights) is imported again; one of the current format (or newer) is reused."""
+    converter = FakeConverter(monkeypatch)
+    gguf = make_gguf(tmp_path)
+    folder, _ = hub.resolve(gguf)
+    key = hub._file_key(gguf)
+    assert json.loads((folder / hub.IMPORT_MARKER).read_text())["format"] == hub.IMPORT_FORMAT
+    (folder / hub.IMPORT_MARKER).write_text(json.dumps({"key": key}))
+    assert hub._imported_key(folder) is None
+    assert hub.resolve(gguf)[0] == folder and len(converter.calls) == 2
+    assert hub._imported_key(folder) == key and leftovers(tmp_path) == []
+    (folder / hub.IMPORT_MARKER).write_text(json.dumps({"key": key, "format": 99}))
+    assert hub.resolve(gguf)[0] == folder and len(converter.calls) == 2
 
 
 def test_unknown_repo_offline_message(isolated):
@@ -382,3 +400,9 @@ def test_real_default_model_offline(monkeypatch):
     assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (576, 30, 49152)
     assert elapsed < 1.0, f"loading took {elapsed:.2f} s"
     assert all(not w.flags.owndata for w in weights.values())  # float32 file: memory-mapped
+    # The matrices in their GGUF blocks, read when decoding (tests/test_quantized.py), also
+    # memory-mapped and quick to load.
+    start = time.perf_counter()
+    packed = load_packed(folder, config)
+    assert time.perf_counter() - start < 1.0 and len(packed) == 211
+    assert all(not w.blocks.flags.owndata for w in packed.values())

@@ -19,16 +19,19 @@ def as_array(x, name, shape, dtype=np.float32):
     """
     x = np.asarray(x, dtype=dtype)
     axes = shape.strip("[]").split(", ") if shape != "[]" else []
+    # `if`, not require(): this runs for every array of every call, and require's message would
+    # be formatted each time.
     if "..." in axes:
-        require(x.ndim >= len(axes) - 1,
-                f"{name} must have shape {shape} (at least {len(axes) - 1} axes), got shape {x.shape}")
-    else:
-        require(x.ndim == len(axes), f"{name} must have shape {shape}, got shape {x.shape}")
+        if x.ndim < len(axes) - 1:
+            raise ValueError(f"{name} must have shape {shape} (at least {len(axes) - 1} axes), "
+                             f"got shape {x.shape}")
+    elif x.ndim != len(axes):
+        raise ValueError(f"{name} must have shape {shape}, got shape {x.shape}")
     return x
 
 
 def positive_int(n, name):
     """``n`` as an int, ValueError unless it is a whole number >= 1."""
-    require(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1,
-            f"{name} must be a positive integer, got {n!r}")
+    if not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1):
+        raise ValueError(f"{name} must be a positive integer, got {n!r}")
     return int(n)

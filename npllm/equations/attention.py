@@ -134,8 +134,8 @@ def split_heads(x, n_heads):
     """
     x = as_array(x, "x", "[..., T, n*Dh]")
     n_heads = positive_int(n_heads, "n_heads")
-    require(x.shape[-1] % n_heads == 0,
-            f"x's last axis ({x.shape[-1]}) must be a multiple of n_heads ({n_heads})")
+    if x.shape[-1] % n_heads:  # (not require(): its message would be formatted at every call)
+        raise ValueError(f"x's last axis ({x.shape[-1]}) must be a multiple of n_heads ({n_heads})")
     return np.swapaxes(x.reshape(*x.shape[:-1], n_heads, x.shape[-1] // n_heads), -2, -3)
 
 

@@ -18,6 +18,12 @@ Numba-compiled twin of each, written as loops with the structure of the formula:
   (:func:`npllm.backend.lm_head_log_probs`) in one pass over blocks of the vocabulary, so the
   [T, V] logits are never held at once (``softmax.py``)
 
+And one family that is not a twin of an equation: ``quantized.py`` computes ``x W^T`` straight
+from the blocks a GGUF file stores W in (Q4_1, Q8_0), with weights bit-identical to the float32
+ones ``gguf.quants.dequantize`` gives; the forward pass uses it when decoding
+(:mod:`npllm.kernels.quantized`, tested in ``tests/test_quantized.py``). It is imported as
+``npllm.kernels.quantized``, not re-exported here.
+
 Each public function is a thin Python wrapper (the equation's argument checks, leading axes
 flattened, masks broadcast as views) around ``@numba.njit`` cores: a function for one row or
 one block of rows, and a serial and a parallel loop over the rows (``_parallel.py`` says why a

@@ -23,3 +23,9 @@ SERIAL_BELOW = 1 << 24
 # Attention with fewer multiply-adds in q k^T than this (B * H * T * S * Dh) runs its softmax
 # on one thread (2^34: SmolLM2 over 8,192 tokens is 2^35).
 SERIAL_ATTENTION_BELOW = 1 << 34
+# Products with packed weights (kernels/quantized.py) with fewer multiply-adds than this run on
+# one thread. They are used when decoding, where no BLAS product runs: the threads are free,
+# and even the smallest projection of the default model (576 x 576, 15 us on one thread) is
+# worth two. (Right after BLAS products, while BLAS's threads still spin, they run on one
+# thread whatever their size: npllm.backend.blas_threads_spinning.)
+SERIAL_MATVEC_BELOW = 1 << 16

@@ -187,6 +187,16 @@ def decode_attention(q, k_cache, v_cache, length):
     product of H / K query rows with the group's keys: each key and value is read once for the
     whole group, and nothing past ``length`` is read.
     """
+    if (type(q) is type(k_cache) is type(v_cache) is np.ndarray and type(length) is int
+            and q.dtype == k_cache.dtype == v_cache.dtype == np.float32
+            and q.ndim == k_cache.ndim == 4 and k_cache.shape == v_cache.shape
+            and q.shape[0] == k_cache.shape[0] and q.shape[2] == 1
+            and q.shape[3] == k_cache.shape[3] and q.shape[1] % k_cache.shape[1] == 0
+            and 1 <= length <= k_cache.shape[2]):
+        # The forward pass's call, q [B, H, 1, Dh] and the caches [B, K, S_max, Dh], without
+        # the general checks below (they cost more than the work when decoding one token).
+        (B, H, _, Dh), K = q.shape, k_cache.shape[1]
+        return _decode(q.reshape(B, K, H // K, Dh), k_cache, v_cache, length).reshape(q.shape)
     q = as_array(q, "q", "[..., H, 1, Dh]")
     k_cache = as_array(k_cache, "k_cache", "[..., K, S_max, Dh]")
     v_cache = as_array(v_cache, "v_cache", "[..., K, S_max, Dh]")
@@ -207,11 +217,18 @@ def decode_attention(q, k_cache, v_cache, length):
         lead = np.broadcast_shapes(lead, k_cache.shape[:-3])
     G = H // K
     rows = _batch_axis(q, lead).reshape(-1, K, G, Dh)  # [B, K, G, Dh]: head h = kv * G + g
-    k = _batch_axis(k_cache, lead)[:, :, :length]  # views of the filled positions
-    v = _batch_axis(v_cache, lead)[:, :, :length]
+    out = _decode(rows, _batch_axis(k_cache, lead), _batch_axis(v_cache, lead), length)
+    return out.reshape(lead + (H, 1, Dh))
+
+
+def _decode(rows, k_cache, v_cache, length):
+    """rows [B, K, G, Dh] (the G query heads of each key/value head), caches [B, K, S_max, Dh]
+    -> [B, K, G, Dh]: softmax(rows k^T / sqrt(Dh)) v over the first ``length`` positions."""
+    B, K, G, Dh = rows.shape
+    k = k_cache[:, :, :length]  # views of the filled positions
+    v = v_cache[:, :, :length]
     s = _scores(rows, np.swapaxes(k, -1, -2))  # [B, K, G, length]
     no_mask = np.zeros((1, 1, 1, length), np.float32)
     run = _softmax_serial if rows.size * length < SERIAL_ATTENTION_BELOW else _softmax_parallel
     run(s.reshape(-1, K, 1, G, length), no_mask, np.float32(Dh ** -0.5), 0, 0)
-    out = np.matmul(s, v)  # [B, K, G, Dh]
-    return out.reshape(lead + (H, 1, Dh))
+    return np.matmul(s, v)  # [B, K, G, Dh]

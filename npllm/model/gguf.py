@@ -5,6 +5,10 @@ such a file into the folder every other part of npllm reads::
 
     config.json             every constant, read from the GGUF metadata (none hard-coded)
     model.safetensors       float32, HF tensor names, [out, in] like torch.nn.Linear
+    model.ggml.safetensors  the Q4_1 / Q8_0 matrices as the GGUF stores them (blocks of 32
+                            weights sharing a scale), uint8, HF names and row order: what
+                            decoding reads (``npllm.kernels.quantized``); only written when
+                            the file has such matrices
     tokenizer.json          byte-level BPE rebuilt with the ``tokenizers`` library
     tokenizer_config.json   special tokens and the chat template
     npllm_source.json       where the weights came from, and that they were dequantized
@@ -42,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from npllm.errors import WeightsError
+from npllm.model.weights import PACKED_FILE
 
 
 class UnsupportedGGUFError(WeightsError):
@@ -233,6 +238,66 @@ def hf_tensors(reader, config):
         yield name, w
 
 
+def packed_tensors(reader, config):
+    """Yield (HF name, ggml type, blocks) for every matrix stored in a type with a kernel.
+
+    ``blocks`` is uint8 [N, D / 32 * bytes per block], the bytes of the GGUF tensor, one row of
+    W per row; the rows of q_proj and k_proj are put in the HF order by the same permutation as
+    the float32 weights (:func:`hf_tensors`): a row is whole blocks, so permuting rows moves
+    blocks and never changes one. In the order a decoding step reads them (per layer q, k, v,
+    o, gate, up, down; then the LM head, or the embedding matrix that is the tied LM head), so
+    that the projections the forward pass fuses (q/k/v, gate/up) lie one after another in the
+    file, and the bytes the kernels prefetch past the end of one matrix start the next one.
+    """
+    from npllm.equations.position import interleaved_to_half_rows
+    from npllm.model.config import LlamaConfig
+    from npllm.model.weights import PACKED_BLOCK_BYTES, expected_shapes
+
+    order = {name: i for i, name in enumerate(expected_shapes(LlamaConfig.from_dict(config)))}
+    order["model.embed_tokens.weight"] = len(order)  # read as the (tied) LM head, last
+    found = []
+    for tensor in reader.tensors:
+        name, ggml_type = hf_tensor_name(tensor.name), tensor.tensor_type.name
+        if ggml_type in PACKED_BLOCK_BYTES and len(tensor.shape) == 2 and name in order:
+            found.append((order[name], name, tensor))
+    for _, name, tensor in sorted(found, key=lambda item: item[0]):
+        blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(numpy_shape(tensor)[0], -1)
+        if name.endswith("q_proj.weight"):
+            blocks = interleaved_to_half_rows(blocks, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            blocks = interleaved_to_half_rows(blocks, config["num_key_value_heads"])
+        yield name, tensor.tensor_type.name, blocks
+
+
+def write_packed(path, tensors, source=""):
+    """Write (name, ggml type, uint8 blocks) triples to a safetensors file (``U8`` tensors),
+    one after another with no gaps, the ggml types in the metadata; return how many.
+
+    Metadata: ``{"format": "npllm-ggml-blocks", "ggml_types": JSON {name: type}, "source":
+    the GGUF file's name}``; read by :func:`npllm.model.weights.load_packed`.
+    """
+    from npllm.model.weights import PACKED_FORMAT
+
+    tensors = list(tensors)
+    types = {name: ggml_type for name, ggml_type, _ in tensors}
+    header = {"__metadata__": {"format": PACKED_FORMAT, "ggml_types": json.dumps(types),
+                               "source": source}}
+    offset = 0
+    for name, _, blocks in tensors:
+        header[name] = {"dtype": "U8", "shape": list(blocks.shape),
+                        "data_offsets": [offset, offset + blocks.nbytes]}
+        offset += blocks.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for _, _, blocks in tensors:
+            f.write(np.ascontiguousarray(blocks).data)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(tensors)
+
+
 def build_tokenizer(metadata):
     r"""tokenizer.json (a ``tokenizers.Tokenizer``) from the GGUF vocabulary and merges.
 
@@ -349,7 +414,8 @@ def _write_json(path, obj):
 def convert_gguf(gguf_path, out_dir, progress=True):
     """Import a Llama GGUF file into a new Hugging Face-style folder ``out_dir``; return its Path.
 
-    Writes config.json, model.safetensors (float32), tokenizer.json, tokenizer_config.json and
+    Writes config.json, model.safetensors (float32), model.ggml.safetensors (the Q4_1 / Q8_0
+    matrices in their blocks, if any), tokenizer.json, tokenizer_config.json and
     npllm_source.json, atomically (see the module docstring). ``progress``: a tqdm bar over the
     tensors on stderr. Raises :class:`UnsupportedGGUFError` (an ``NpllmError``) for an
     architecture, tensor type or tokenizer npllm cannot import, before writing anything.
@@ -381,10 +447,19 @@ def convert_gguf(gguf_path, out_dir, progress=True):
         with tqdm(hf_tensors(reader, config), total=len(shapes), desc="importing GGUF",
                   unit="tensor", file=sys.stderr, disable=not progress) as bar:
             write_safetensors(tmp / "model.safetensors", shapes, bar, metadata={"format": "pt"})
+        packed = list(packed_tensors(reader, config))
+        if packed:
+            write_packed(tmp / PACKED_FILE, packed, source=gguf_path.name)
         if has_tokenizer:
             build_tokenizer(metadata).save(str(tmp / "tokenizer.json"))
             _write_json(tmp / "tokenizer_config.json", build_tokenizer_config(metadata, config))
-        _write_json(tmp / "npllm_source.json", build_source(gguf_path.resolve(), reader, metadata))
+        source = build_source(gguf_path.resolve(), reader, metadata)
+        if packed:
+            source["packed"] = {"file": PACKED_FILE, "tensors": len(packed),
+                                "bytes": sum(blocks.nbytes for _, _, blocks in packed),
+                                "note": "the quantized matrices as the GGUF stores them, read "
+                                        "when decoding; the same weights as model.safetensors"}
+        _write_json(tmp / "npllm_source.json", source)
         os.rename(tmp, out_dir)  # atomic on one file system; fails if out_dir appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

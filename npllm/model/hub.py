@@ -6,7 +6,8 @@ weights and the tokenizer files, trying in this order:
 1. a local folder with a ``config.json`` (used in place);
 2. a ``.gguf`` file: imported once (dequantized to float32, see ``npllm.model.gguf``) into
    ``cache_dir()/gguf/<stem>-<key>``, the key made of the file's name, size and modification
-   time, so an edited file is imported again;
+   time, so an edited file is imported again (and so is a folder an older npllm imported:
+   :data:`IMPORT_FORMAT`);
 3. a Hugging Face Hub repo id (``org/name``): ``huggingface_hub.snapshot_download``, first from
    the HF cache only (fast, works offline), then from the network unless ``HF_HUB_OFFLINE`` is
    set. Only what npllm reads is downloaded: ``*.json``, ``model*.safetensors`` and
@@ -45,6 +46,10 @@ FALLBACK_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FALLBACK_FOLDER = "SmolLM2-135M-Instruct-Q4_1"
 HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer*"]
 IMPORT_MARKER = "npllm_import.json"  # written last into an imported folder: where it came from
+# What an import writes: 1 = config, float32 weights, tokenizer; 2 = also the quantized matrices
+# in their GGUF blocks (model.ggml.safetensors, read when decoding). A folder imported in an
+# older format is imported again, so every cache gets what the current code reads.
+IMPORT_FORMAT = 2
 Q4_1_NOTE = ("Q4_1-quantized weights dequantized to float32: close to, not equal to, the Hub's "
              "bfloat16 weights")
 
@@ -208,7 +213,7 @@ def _import_once(gguf_path, folder, key, say):
                                "complete Llama-family GGUF file?") from e
         if not (out / "config.json").is_file():
             raise WeightsError(f"importing {gguf_path} wrote no config.json into {out}")
-        marker = {"source": str(gguf_path), "key": key}
+        marker = {"source": str(gguf_path), "key": key, "format": IMPORT_FORMAT}
         (out / IMPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         for attempt in range(3):
             try:
@@ -228,9 +233,12 @@ def _import_once(gguf_path, folder, key, say):
 
 
 def _imported_key(folder):
+    """The key of the finished import in ``folder``; None if there is none, or if it was
+    written in an older format (markers without "format" are format 1)."""
     try:
-        return json.loads((folder / IMPORT_MARKER).read_text())["key"]
-    except (OSError, ValueError, KeyError, TypeError):
+        marker = json.loads((folder / IMPORT_MARKER).read_text())
+        return marker["key"] if marker.get("format", 1) >= IMPORT_FORMAT else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

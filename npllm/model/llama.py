@@ -13,15 +13,20 @@ Hugging Face tensor names (``model.layers.3.self_attn.q_proj.weight``), each ``[
 The hot functions (RMSNorm, RoPE, SwiGLU, attention) come from the chosen backend: the Numba
 kernels by default, the readable NumPy equations with ``backend="numpy"`` (or
 ``NPLLM_BACKEND=numpy``). Both give the same numbers.
+
+Decoding (one new token, with a cache) on the Numba backend reads the matrices of the linear
+layers in their GGUF blocks when the model has them (``packed``, see :func:`forward`): the same
+weights, 5.6 times fewer bytes for the default model. ``NPLLM_PACKED=0`` turns that off.
 """
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from npllm.backend import get_backend
+from npllm.backend import get_backend, note_blas_products
 from npllm.equations import (causal_mask, lm_head, merge_heads, rope_cos_sin,
-                             rope_inverse_frequencies, split_heads)
-from npllm.model.weights import stack_adjacent
+                             rope_inverse_frequencies, split_heads, token_log_probs)
+from npllm.model.weights import PackedWeight, stack_adjacent
 
 MASKED = np.finfo(np.float32).min
 
@@ -30,9 +35,32 @@ def linear(x, weight):
     r"""A linear layer without bias, as ``torch.nn.Linear`` stores it: :math:`y = x W^\top`.
 
     x [..., in], weight [out, in] -> [..., out]. Leading dimensions are flattened so that NumPy
-    hands one large matrix product to BLAS.
+    hands one large matrix product to BLAS. A :class:`~npllm.model.weights.PackedWeight` (W in
+    its GGUF blocks, used when decoding) is multiplied by a Numba kernel that expands the
+    blocks in registers (:mod:`npllm.kernels.quantized`): the same W, bit for bit.
     """
+    if isinstance(weight, PackedWeight):
+        return weight.linear(x)
     return (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lm_head_logits(c, W):
+    """The LM head, c [..., D] -> logits [..., V] = c W^T, for a float32 or packed W."""
+    return linear(c, W) if isinstance(W, PackedWeight) else lm_head(c, W)
+
+
+def packed_enabled():
+    """False when the environment says ``NPLLM_PACKED=0`` (or false, no, off)."""
+    return os.environ.get("NPLLM_PACKED", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def linear_weights(weights, packed, decoding, be):
+    """The weights the linear layers and the LM head read: ``weights`` with the ``packed``
+    matrices in place of their float32 twins when decoding on the Numba backend (and
+    ``NPLLM_PACKED`` does not say no); ``weights`` otherwise."""
+    if packed and decoding and be.name == "numba" and packed_enabled():
+        return {**weights, **packed}
+    return weights
 
 
 def linears(x, weights, fuse=False):
@@ -174,7 +202,7 @@ def positions_and_mask(B, T, past, attention_mask):
 
 
 def forward(weights, config, input_ids, cache=None, attention_mask=None, backend=None,
-            trace=None, logits_to_keep=None, targets=None):
+            trace=None, logits_to_keep=None, targets=None, packed=None):
     r"""Logits for every position: token ids [T] or [B, T] -> logits [T, V] or [B, T, V].
 
     ``logits[t]`` scores the token that follows ``input_ids[: t + 1]``. With a ``cache``
@@ -190,6 +218,13 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
       logits, :math:`\log P(\text{targets}[t] \mid \text{input\_ids}[:t+1])`, [T] or [B, T],
       as ``token_log_probs(logits, targets)`` computes them from the logits (lecture 000's chain
       rule, for scoring). The Numba backend then never holds the [T, V] logits at once.
+
+    ``packed``: ``{name: PackedWeight}``, the matrices of the linear layers and the LM head in
+    their GGUF blocks (:func:`npllm.model.weights.load_packed`). Used only when decoding (one
+    new token per sequence, a ``cache``, no ``attention_mask``) on the Numba backend, and
+    unless ``NPLLM_PACKED=0``: each token then reads 96 MB instead of 538 MB for the default
+    model. The weights are bit-identical to the float32 ones; only the order of the float32
+    additions differs, so the logits agree with float32 decoding to float32 rounding.
     """
     be = get_backend(backend)
     ids = np.asarray(input_ids)
@@ -223,6 +258,7 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
     if cache is not None:
         cache.reserve(T)
     decoding = cache is not None and T == 1 and attention_mask is None
+    matrices = linear_weights(weights, packed, decoding, be)
 
     eps = config.rms_norm_eps
     x = weights["model.embed_tokens.weight"][ids]  # [B, T, D]
@@ -231,14 +267,14 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         h = be.rms_norm(x, weights[p + "input_layernorm.weight"], eps)
-        a = attention_block(h, weights, p + "self_attn.", config, cos, sin, mask, be,
+        a = attention_block(h, matrices, p + "self_attn.", config, cos, sin, mask, be,
                             cache, i, trace, decoding=decoding)
         if trace is not None:
             trace.keep(f"layers.{i}.attn_norm", h)
             trace.keep(f"layers.{i}.attn_output", a)
         x = x + a
         h = be.rms_norm(x, weights[p + "post_attention_layernorm.weight"], eps)
-        m = mlp_block(h, weights, p + "mlp.", be, i, trace)
+        m = mlp_block(h, matrices, p + "mlp.", be, i, trace)
         if trace is not None:
             trace.keep(f"layers.{i}.residual", x)
             trace.keep(f"layers.{i}.mlp_norm", h)
@@ -250,15 +286,19 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
     if trace is not None:
         trace.keep("norm", x)
     x = x[:, T - kept:]  # the positions whose predictions are wanted
-    W = weights["lm_head.weight"]
+    W = matrices["lm_head.weight"]
     if targets is None:  # logits [B, T, V], from one [B * T, D] x [D, V] product
-        out = lm_head(x.reshape(-1, x.shape[-1]), W).reshape(B, kept, -1)
+        out = lm_head_logits(x.reshape(-1, x.shape[-1]), W).reshape(B, kept, -1)
+    elif isinstance(W, PackedWeight):  # decoding: one position's logits, then log P(target)
+        out = token_log_probs(lm_head_logits(x, W), targets.reshape(B, kept))
     else:  # log P(targets | ...) [B, T]: the LM head and log-softmax at the targets
         out = be.lm_head_log_probs(x, W, targets.reshape(B, kept))
     if trace is not None:
-        trace.keep("logits", out if targets is None else (lambda: lm_head(x, W)))
+        trace.keep("logits", out if targets is None else (lambda: lm_head_logits(x, W)))
     if cache is not None:
         cache.length += T
+    if matrices is weights:  # the linear layers were BLAS products: its threads spin a while
+        note_blas_products()
     return out[0] if single else out
 
 
@@ -267,17 +307,25 @@ class Model:
 
     ``model(ids)`` runs :func:`forward`; ``print(model)`` shows the module tree with shapes and
     parameter counts, the way lecture 000 prints a model first.
+
+    ``packed``: the matrices in their GGUF blocks (``{name: PackedWeight}``, empty for models
+    that have none), read when decoding on the Numba backend (see :func:`forward`). To decode
+    from the float32 weights instead: ``model(ids, cache=c, packed=False)``, or
+    ``NPLLM_PACKED=0``, or ``npllm.load(name, packed=False)``.
     """
 
-    def __init__(self, config, weights, tokenizer=None, source="", folder=None, backend=None):
+    def __init__(self, config, weights, tokenizer=None, source="", folder=None, backend=None,
+                 packed=None):
         self.config, self.weights, self.tokenizer = config, weights, tokenizer
         self.source, self.folder, self.backend = source, folder, backend
+        self.packed = packed or {}
 
     def forward(self, input_ids, cache=None, attention_mask=None, backend=None, trace=None,
-                logits_to_keep=None, targets=None):
+                logits_to_keep=None, targets=None, packed=True):
         return forward(self.weights, self.config, input_ids, cache=cache,
                        attention_mask=attention_mask, backend=backend or self.backend,
-                       trace=trace, logits_to_keep=logits_to_keep, targets=targets)
+                       trace=trace, logits_to_keep=logits_to_keep, targets=targets,
+                       packed=self.packed if packed else None)
 
     __call__ = forward
 
@@ -290,11 +338,12 @@ class Model:
         return sum(unique.values())
 
     def __repr__(self):
-        return module_tree(self.config, self.weights)
+        return module_tree(self.config, self.weights, self.packed)
 
 
-def module_tree(config, weights):
-    """The model as transformers prints it, with shapes, parameter counts and shares."""
+def module_tree(config, weights, packed=None):
+    """The model as transformers prints it, with shapes, parameter counts and shares (and a
+    line on the ``packed`` weights, if any)."""
     c, total = config, sum({id(w): w.size for w in weights.values()}.values())
     tied = weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
 
@@ -336,4 +385,12 @@ def module_tree(config, weights):
         f"  (lm_head): Linear({D} -> {V})".ljust(64)
         + (" tied to embed_tokens (shares its matrix)" if tied else share(head)),
     ]
+    if packed:
+        kinds = {}
+        for w in {id(w): w for w in packed.values()}.values():
+            kinds[w.ggml_type] = kinds.get(w.ggml_type, 0) + 1
+        count = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+        size = sum({id(w): w.nbytes for w in packed.values()}.values()) / 2**20
+        lines.append(f"packed: {count} matrices in their GGUF blocks ({size:.1f} MiB), read when "
+                     f"decoding on the Numba backend (off: NPLLM_PACKED=0)")
     return "\n".join(lines)
