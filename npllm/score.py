@@ -587,15 +587,14 @@ def _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy):
             mask[k, :len(row.ids)] = 1
             targets[k, row.logit_rows] = row.targets
         mask = mask if len(batch) > 1 else None
-        if not need_logits:  # log P(target) at every position [B, T]; padding's are ignored
+        if need_logits:
+            logits = model(ids, attention_mask=mask)  # [B, T, V]
+        else:  # log P(target) at every position [B, T]; the padding's are never read
             log_probs = model(ids, attention_mask=mask, targets=targets)
-            for k, row in enumerate(batch):
-                lp = log_probs[k, row.logit_rows].astype(np.float64)
-                out[order[i + k]] = {"log_probs": lp}
-            i += len(batch)
-            continue
-        logits = model(ids, attention_mask=mask)  # [B, T, V]
         for k, row in enumerate(batch):
+            if not need_logits:
+                out[order[i + k]] = {"log_probs": log_probs[k, row.logit_rows].astype(np.float64)}
+                continue
             x = logits[k, row.logit_rows]  # [n, V]: the predictions we keep
             res = {"log_probs": token_log_probs(x, row.targets).astype(np.float64)}
             target_logit = np.take_along_axis(x, row.targets[:, None], axis=-1)

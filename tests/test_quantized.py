@@ -546,11 +546,10 @@ def test_default_model_says_it_has_packed_weights(default_model):
         default_model)
 
 
-def test_the_model_layer_knows_the_kernels_layouts():
-    """weights.py names the packed types without importing Numba; they must be the kernels'."""
-    from npllm.model.weights import PACKED_BLOCK, PACKED_BLOCK_BYTES
+def test_the_block_layouts_are_ggufs_and_each_has_a_kernel():
+    """npllm.ggml_blocks (shared by the loader and the kernels) agrees with the gguf package."""
+    from npllm.ggml_blocks import BLOCK, BLOCK_BYTES
 
-    assert PACKED_BLOCK == Q.BLOCK and PACKED_BLOCK_BYTES == Q.BLOCK_BYTES
-    assert set(Q.MATVECS) == set(PACKED_BLOCK_BYTES)
-    for ggml_type, size in PACKED_BLOCK_BYTES.items():
-        assert GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]] == (PACKED_BLOCK, size)
+    assert set(Q.MATVECS) == set(BLOCK_BYTES)
+    for ggml_type, size in BLOCK_BYTES.items():
+        assert GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]] == (BLOCK, size)

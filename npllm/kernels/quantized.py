@@ -64,12 +64,11 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from npllm.ggml_blocks import BLOCK, BLOCK_BYTES, aligned
 from npllm.kernels._args import float32_array
 from npllm.kernels._math import bits_to_float32
 from npllm.kernels._parallel import SERIAL_MATVEC_BELOW
 
-BLOCK = 32  # weights per block
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # bytes per block of each type
 TWO_112 = np.float32(2.0 ** 112)
 # Software prefetch: while a block is used, ask for the bytes this far ahead in the same stream
 # (the rows of a task follow each other; past a matrix's end lies the next one in the packed
@@ -337,7 +336,10 @@ def _q8_0_inputs(blocks, x, y):
             y[i, r], y[i1, r] = _lane_sum(acc, 0), _lane_sum(acc, 32)
 
 
-# One input, several inputs: the drivers of each block type.
+# One input, several inputs: the drivers of each block type. The Q4_1 and Q8_0 drivers are the
+# same loops around different block readers (_q4_1_pair / _q8_0_pair, ...): written out per
+# type so that each reader is a direct call LLVM inlines into the vectorised loop (a reader
+# passed as an argument was not tried).
 _DRIVERS = {"Q4_1": (_q4_1_one_input, _q4_1_inputs), "Q8_0": (_q8_0_one_input, _q8_0_inputs)}
 
 
@@ -368,14 +370,6 @@ def _product(blocks, x, ggml_type):
                          f"({row_bytes % BLOCK_BYTES[ggml_type]} bytes left over); x must be "
                          f"[..., {D}], got {x.shape}")
     return packed_product(aligned(blocks), ggml_type, x)
-
-
-def aligned(blocks):
-    """``blocks`` as the kernels read them: C-contiguous, at an even address (they read the f16
-    scales as uint16); copied only if it is not already."""
-    if not blocks.flags.c_contiguous or blocks.ctypes.data % 2:
-        blocks = np.array(blocks, order="C")
-    return blocks
 
 
 def packed_product(blocks, ggml_type, x, parallel=None):

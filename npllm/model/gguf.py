@@ -251,14 +251,15 @@ def packed_tensors(reader, config):
     """
     from npllm.equations.position import interleaved_to_half_rows
     from npllm.model.config import LlamaConfig
-    from npllm.model.weights import PACKED_BLOCK_BYTES, expected_shapes
+    from npllm.ggml_blocks import BLOCK_BYTES
+    from npllm.model.weights import expected_shapes
 
     order = {name: i for i, name in enumerate(expected_shapes(LlamaConfig.from_dict(config)))}
     order["model.embed_tokens.weight"] = len(order)  # read as the (tied) LM head, last
     found = []
     for tensor in reader.tensors:
         name, ggml_type = hf_tensor_name(tensor.name), tensor.tensor_type.name
-        if ggml_type in PACKED_BLOCK_BYTES and len(tensor.shape) == 2 and name in order:
+        if ggml_type in BLOCK_BYTES and len(tensor.shape) == 2 and name in order:
             found.append((order[name], name, tensor))
     for _, name, tensor in sorted(found, key=lambda item: item[0]):
         blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(numpy_shape(tensor)[0], -1)

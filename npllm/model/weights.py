@@ -61,14 +61,12 @@ import numpy as np
 
 from npllm.backend import blas_threads_spinning
 from npllm.errors import WeightsError
+from npllm.ggml_blocks import BLOCK, BLOCK_BYTES, aligned
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PACKED_FILE = "model.ggml.safetensors"  # the quantized matrices in their GGUF blocks (see above)
 PACKED_FORMAT = "npllm-ggml-blocks"
-# The block layouts npllm.kernels.quantized computes with: bytes per block of 32 weights.
-PACKED_BLOCK = 32
-PACKED_BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Bytes per element of every safetensors dtype (to check the header's offsets against the shapes).
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4,
@@ -270,18 +268,19 @@ class PackedWeight:
     ndim = 2
 
     def __init__(self, blocks, ggml_type):
-        size = PACKED_BLOCK_BYTES.get(ggml_type)
+        size = BLOCK_BYTES.get(ggml_type)
         if size is None:
             raise ValueError(f"no kernel for ggml type {ggml_type!r}; packed types: "
-                             f"{', '.join(PACKED_BLOCK_BYTES)}")
+                             f"{', '.join(BLOCK_BYTES)}")
         if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] % size:
-            raise ValueError(f"{ggml_type} blocks must be uint8 [N, D / {PACKED_BLOCK} * "
+            raise ValueError(f"{ggml_type} blocks must be uint8 [N, D / {BLOCK} * "
                              f"{size}], got {blocks.dtype} {blocks.shape}")
-        if not blocks.flags.c_contiguous or blocks.ctypes.data % 2:  # as the kernels read them
-            blocks = np.array(blocks, order="C")
-            blocks.flags.writeable = False
+        readable = aligned(blocks)
+        if readable is not blocks:  # copied once, for the kernels: read-only like the file
+            readable.flags.writeable = False
+            blocks = readable
         self.blocks, self.ggml_type = blocks, ggml_type
-        self.shape = (blocks.shape[0], blocks.shape[1] // size * PACKED_BLOCK)
+        self.shape = (blocks.shape[0], blocks.shape[1] // size * BLOCK)
 
     @property
     def nbytes(self):
@@ -347,11 +346,11 @@ def load_packed(folder, config, tied=None):
     packed = {}
     for name, entry in header.items():
         ggml_type = types.get(name)
-        if name not in wanted or ggml_type not in PACKED_BLOCK_BYTES:
+        if name not in wanted or ggml_type not in BLOCK_BYTES:
             continue
         N, D = shapes[name][0]
-        expected = (N, D // PACKED_BLOCK * PACKED_BLOCK_BYTES[ggml_type])
-        if entry["dtype"] != "U8" or tuple(entry["shape"]) != expected or D % PACKED_BLOCK:
+        expected = (N, D // BLOCK * BLOCK_BYTES[ggml_type])
+        if entry["dtype"] != "U8" or tuple(entry["shape"]) != expected or D % BLOCK:
             raise WeightsError(f"{path}: tensor {name} ({ggml_type}) is {entry['dtype']} "
                                f"{tuple(entry['shape'])}, expected U8 {expected} for the "
                                f"{shapes[name][1]} = {(N, D)} matrix of config.json; {fix}")
