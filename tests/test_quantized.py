@@ -484,10 +484,17 @@ def test_default_packed_decoding_equals_float32_decoding(default_model, hf_gguf_
         theirs = hf_gguf_model(torch.tensor(chat_ids)[None]).logits[0].numpy()
     float32_error = np.abs(theirs - exact).max()
     assert 1e-6 < float32_error < 1e-4
+    from npllm.kernels import decode as fused_kernel
+
     patch, calls = count_packed_calls()
-    with patch:
+    layers = []
+    real = fused_kernel.decode_layer
+    with patch, mock.patch.object(fused_kernel, "decode_layer",
+                                  lambda *a: layers.append(a[-2]) or real(*a)):
         packed = decode(default_model, chat_ids, prompt=10, backend="numba")
-    assert len(calls) == (len(chat_ids) - 10) * (30 * 4 + 1)
+    # Each step: 30 fused layers (q, k, v and gate, up lie together in the imported file), then
+    # the packed LM head.
+    assert len(layers) == (len(chat_ids) - 10) * 30 and len(calls) == len(chat_ids) - 10
     plain = decode(default_model, chat_ids, prompt=10, backend="numba", packed=False)
     np.testing.assert_allclose(packed, plain, atol=2 * float32_error, rtol=0)
     np.testing.assert_array_equal(packed.argmax(-1), plain.argmax(-1))

@@ -22,7 +22,9 @@ And one family that is not a twin of an equation: ``quantized.py`` computes ``x 
 from the blocks a GGUF file stores W in (Q4_1, Q8_0), with weights bit-identical to the float32
 ones ``gguf.quants.dequantize`` gives; the forward pass uses it when decoding
 (:mod:`npllm.kernels.quantized`, tested in ``tests/test_quantized.py``). It is imported as
-``npllm.kernels.quantized``, not re-exported here.
+``npllm.kernels.quantized``, not re-exported here. ``decode.py`` builds on it: a whole decoder
+layer for one new token in one compiled call (``decode_layer``, what the forward pass runs per
+layer when it decodes from packed weights; tested in ``tests/test_decode.py``).
 
 Each public function is a thin Python wrapper (the equation's argument checks, leading axes
 flattened, masks broadcast as views) around ``@numba.njit`` cores: a function for one row or

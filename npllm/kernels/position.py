@@ -6,24 +6,29 @@ from npllm.kernels._args import float32_array as as_array
 from npllm.kernels._parallel import SERIAL_BELOW
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
-def _rope_head(x, cos, sin, out, a, n):
-    """out = x cos + rotate_half(x) sin for every row t of head n of x [A, N, T, Dh], with the
-    angles cos, sin [A or 1, T, Dh] shared by the heads; rotate_half(x) = [-x2, x1].
+@numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+def rope_row(x, cos, sin, out):
+    """out = x cos + rotate_half(x) sin for one vector x [Dh] (one head of one token) and its
+    angles cos, sin [Dh]; rotate_half(x) = [-x2, x1].
 
     Written per half so that rotate_half is never built; each output is the same two float32
     products and one sum as in NumPy (a + (-b) c equals a - b c exactly), so the results are
-    identical, not merely close. Indexed element by element (no row views), which LLVM
-    vectorises.
+    identical, not merely close.
     """
-    Dh = x.shape[3]
-    half = Dh // 2
+    half = x.shape[0] // 2
+    for i in range(half):
+        out[i] = x[i] * cos[i] - x[i + half] * sin[i]
+    for i in range(half, x.shape[0]):
+        out[i] = x[i] * cos[i] + x[i - half] * sin[i]
+
+
+@numba.njit(cache=True, fastmath=False, error_model="numpy")
+def _rope_head(x, cos, sin, out, a, n):
+    """RoPE for every row t of head n of x [A, N, T, Dh] (:func:`rope_row`), with the angles cos,
+    sin [A or 1, T, Dh] shared by the heads."""
     c = a % cos.shape[0]
     for t in range(x.shape[2]):
-        for i in range(half):
-            out[a, n, t, i] = x[a, n, t, i] * cos[c, t, i] - x[a, n, t, i + half] * sin[c, t, i]
-        for i in range(half, Dh):
-            out[a, n, t, i] = x[a, n, t, i] * cos[c, t, i] + x[a, n, t, i - half] * sin[c, t, i]
+        rope_row(x[a, n, t], cos[c, t], sin[c, t], out[a, n, t])
 
 
 @numba.njit(cache=True, fastmath=False, parallel=True, error_model="numpy")

@@ -341,6 +341,18 @@ def _q8_0_inputs(blocks, x, y):
 # type so that each reader is a direct call LLVM inlines into the vectorised loop (a reader
 # passed as an argument was not tried).
 _DRIVERS = {"Q4_1": (_q4_1_one_input, _q4_1_inputs), "Q8_0": (_q8_0_one_input, _q8_0_inputs)}
+# The block types as numbers, for compiled callers (the fused decoding layer, kernels/decode.py).
+KINDS = {"Q4_1": 0, "Q8_0": 1}
+
+
+@numba.njit(cache=True, fastmath=False, error_model="numpy")
+def one_input_product(blocks, kind, x, y):
+    """y [1, N] = x [1, D] W^T for W in blocks of type ``kind`` (:data:`KINDS`), from compiled
+    code: the parallel driver of that type, on Numba's threads."""
+    if kind == 0:
+        _q4_1_one_input(blocks, x, y)
+    else:
+        _q8_0_one_input(blocks, x, y)
 
 
 @contextmanager
@@ -354,6 +366,16 @@ def _one_thread():
         yield
     finally:
         numba.set_num_threads(threads)
+
+
+@contextmanager
+def one_thread_while(condition):
+    """:func:`_one_thread` if ``condition``, else nothing."""
+    if condition:
+        with _one_thread():
+            yield
+    else:
+        yield
 
 
 def _product(blocks, x, ggml_type):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from npllm.backend import get_backend, note_blas_products
+from npllm.backend import blas_threads_spinning, get_backend, note_blas_products
 from npllm.equations import (causal_mask, lm_head, merge_heads, rope_cos_sin,
                              rope_inverse_frequencies, split_heads, token_log_probs)
 from npllm.model.weights import PackedWeight, stack_adjacent
@@ -178,6 +178,46 @@ def mlp_block(x, weights, prefix, be, layer=0, trace=None):
     return linear(be.swiglu(gate, up), weights[prefix + "down_proj.weight"])
 
 
+def fused_decode_weights(matrices, config):
+    """Per layer, ``(qkv, o, gate_up, down)``: its packed matrices as the fused decoding layer
+    (:func:`npllm.kernels.decode.decode_layer`) reads them, q, k, v and gate, up each one
+    matrix; or None unless every layer's matrices are packed and those groups lie one after
+    another in their file (see :func:`~npllm.model.weights.stack_adjacent`; npllm's GGUF import
+    writes them so). Then the forward pass composes the step from the kernels instead."""
+    layers = []
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        qkv = stack_adjacent([matrices[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        gate_up = stack_adjacent([matrices[p + "mlp.gate_proj.weight"],
+                                  matrices[p + "mlp.up_proj.weight"]])
+        fused = (qkv[0][0], matrices[p + "self_attn.o_proj.weight"], gate_up[0][0],
+                 matrices[p + "mlp.down_proj.weight"])
+        if (len(qkv) != 1 or qkv[0][1] != [0, 1, 2] or len(gate_up) != 1 or gate_up[0][1] != [0, 1]
+                or not all(isinstance(w, PackedWeight) for w in fused)):
+            return None
+        layers.append(fused)
+    return layers
+
+
+def decode_layers(x, weights, layers, config, cos, sin, cache):
+    """Every decoder layer for one new token, one compiled call each (the fused kernel of
+    ``npllm/kernels/decode.py``): x [1, 1, D] is updated in place. ``layers`` from
+    :func:`fused_decode_weights`; cos, sin [1, 1, Dh]; ``cache`` before its length advances."""
+    from npllm.kernels.decode import decode_layer
+    from npllm.kernels.quantized import KINDS, one_thread_while
+
+    eps = np.float32(config.rms_norm_eps)
+    with one_thread_while(blas_threads_spinning()):
+        for i, (qkv, o, gate_up, down) in enumerate(layers):
+            p = f"model.layers.{i}."
+            decode_layer(x[0, 0], weights[p + "input_layernorm.weight"],
+                         qkv.blocks, KINDS[qkv.ggml_type], o.blocks, KINDS[o.ggml_type],
+                         weights[p + "post_attention_layernorm.weight"],
+                         gate_up.blocks, KINDS[gate_up.ggml_type], down.blocks,
+                         KINDS[down.ggml_type], cos[0, 0], sin[0, 0], cache.keys[i][0],
+                         cache.values[i][0], cache.length, eps)
+
+
 def positions_and_mask(B, T, past, attention_mask):
     """Position ids [B, T] and the additive attention mask [B, 1, T, S], S = past + T.
 
@@ -264,7 +304,13 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
     x = weights["model.embed_tokens.weight"][ids]  # [B, T, D]
     if trace is not None:
         trace.keep("embeddings", x)
-    for i in range(config.num_hidden_layers):
+    # Decoding one sequence from packed weights: each layer in one compiled call, the same steps
+    # as the loop below (which is what a reader should read).
+    fused = (matrices is not weights and B == 1 and trace is None
+             and fused_decode_weights(matrices, config))
+    if fused:
+        decode_layers(x, weights, fused, config, cos, sin, cache)
+    for i in range(0 if fused else config.num_hidden_layers):
         p = f"model.layers.{i}."
         h = be.rms_norm(x, weights[p + "input_layernorm.weight"], eps)
         a = attention_block(h, matrices, p + "self_attn.", config, cos, sin, mask, be,
