@@ -198,3 +198,23 @@ def test_forward_composes_the_step_when_the_matrices_are_apart(tiny_packed):
     """The imported tiny model stores q apart from k, v: no fused layer, the composed step."""
     model = npllm.load(tiny_packed, backend="numba")
     assert llama.fused_decode_weights({**model.weights, **model.packed}, model.config) is None
+
+
+def test_decode_layer_runs_first_in_a_fresh_process(tmp_path):
+    """The fused layer as a process's first parallel work, compiled and then loaded from Numba's
+    on-disk cache (where Numba does not start its thread pool by itself: this crashed)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "first.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from test_decode import layer_inputs, run_kernel\n"
+        "a = layer_inputs(0, 6, 2, 32, 64, 0, dict.fromkeys(('qkv', 'o', 'gate_up', 'down'), 'Q4_1'))\n"
+        "print(np.isfinite(run_kernel(a)[0]).all())\n")
+    env = {**__import__("os").environ, "NUMBA_NUM_THREADS": "2", "PYTHONPATH": str(
+        __import__("pathlib").Path(__file__).parent)}
+    for _ in ("compile or load", "load from the cache"):
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]

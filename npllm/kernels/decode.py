@@ -34,6 +34,12 @@ from npllm.kernels.norm import _rms_norm_row
 from npllm.kernels.position import rope_row
 from npllm.kernels.quantized import _fma, _lane_sum, _lanes, one_input_product
 
+# decode_layer calls parallel functions (the packed drivers) from compiled code. Numba starts its
+# thread pool when a parallel function is called from Python or compiled, but not when the
+# caller is loaded from its on-disk cache: the first decode_layer of a process whose first
+# parallel work it is then crashed (a one-token prompt on a fresh cache). Starting it here, once:
+numba.get_num_threads()
+
 
 @numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
 def _dot(a, b, acc):

@@ -306,7 +306,7 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
         trace.keep("embeddings", x)
     # Decoding one sequence from packed weights: each layer in one compiled call, the same steps
     # as the loop below (which is what a reader should read).
-    fused = (matrices is not weights and B == 1 and trace is None
+    fused = (decoding and matrices is not weights and B == 1 and trace is None
              and fused_decode_weights(matrices, config))
     if fused:
         decode_layers(x, weights, fused, config, cos, sin, cache)
