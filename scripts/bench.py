@@ -105,10 +105,7 @@ def thread_env(threads):
 
 def blas_info():
     """Which BLAS libraries and kernels are loaded, with their thread counts (threadpoolctl)."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return [{"note": "install threadpoolctl to see the BLAS kernel and threads"}]
+    from threadpoolctl import threadpool_info  # a dependency of npllm
     keep = ("user_api", "internal_api", "prefix", "version", "architecture", "threading_layer",
             "num_threads")
     return [{k: lib.get(k) for k in keep if lib.get(k) is not None} for lib in threadpool_info()]

@@ -86,6 +86,28 @@ def test_kv_cache_with_a_wrong_position_is_detected(default_model, texts):
     assert np.abs(wrong - default_model(ids)[1:]).max() > 0.1
 
 
+def test_two_threads_equal_one_pass(default_model, hf_gguf_model, hf_float64, texts, monkeypatch):
+    """A long text scored on two threads (npllm/model/threads.py: the second part of the tokens
+    as a continuation with the first part's keys and values) equals one pass up to float32
+    rounding, bounded as above by twice torch's float32 error on the same ids."""
+    from npllm.model import threads
+
+    ids = np.array((texts["chat"] * 40)[:threads.MIN_TOKENS + 16])
+    with torch.no_grad():
+        exact = hf_float64(torch.tensor(ids)[None]).logits[0].numpy()
+        theirs = hf_gguf_model(torch.tensor(ids)[None]).logits[0].numpy()
+    float32_error = np.abs(theirs - exact).max()
+    assert 1e-6 < float32_error < 1e-3
+    one = default_model(ids, backend="numba")
+    monkeypatch.setattr(threads, "blas_threads", lambda: 2)  # the tests run BLAS on one thread
+    split = []
+    monkeypatch.setattr(threads.HandOffCache, "pair", lambda *a, real=threads.HandOffCache.pair:
+                        split.append(a[-1]) or real(*a))
+    two = default_model(ids, backend="numba")
+    assert split == [round(threads.SPLIT * len(ids))]
+    np.testing.assert_allclose(two, one, atol=2 * float32_error, rtol=0)
+
+
 def test_parameter_count_and_shares(default_model, hf_gguf_model):
     assert default_model.num_parameters() == 134_515_008 == hf_gguf_model.num_parameters()
     tree = repr(default_model)

@@ -250,3 +250,104 @@ def test_padded_batch_decoding_with_cache_equals_recompute(tiny, backend):
     got = np.concatenate(steps, axis=1)
     np.testing.assert_allclose(got[0], full[0], atol=1e-4, rtol=0)
     np.testing.assert_allclose(got[1, 4:], full[1, 4:], atol=1e-4, rtol=0)
+
+
+# --- one long sequence on two threads (npllm/model/threads.py) --------------------------------
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """Make the forward pass split every sequence of 8 tokens or more over two threads (the
+    test session runs BLAS on one thread, where it never would), and count the splits."""
+    from npllm.model import threads
+    monkeypatch.setattr(threads, "blas_threads", lambda: 2)
+    monkeypatch.setattr(threads, "MIN_TOKENS", 8)
+    splits = []
+    real = threads.forward_on_two_threads
+
+    def counting(run, config, ids, targets=None):
+        splits.append(ids.shape)
+        return real(run, config, ids, targets)
+    monkeypatch.setattr(threads, "forward_on_two_threads", counting)
+    return splits
+
+
+def test_two_threads_give_the_single_pass(tiny, two_threads):
+    """The same rows through the same functions (the second part as a continuation with the
+    first part's keys and values): logits and log-probabilities as one pass gives them, and as
+    transformers does."""
+    from npllm.model import threads
+
+    model, ref = tiny
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, model.config.vocab_size, size=40)
+    split_logits = model(ids, backend="numba")
+    split_log_p = model(ids[:-1], targets=ids[1:], backend="numba")
+    assert two_threads == [(1, 40), (1, 39)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(threads, "MIN_TOKENS", 10**9)
+        one_logits = model(ids, backend="numba")
+        one_log_p = model(ids[:-1], targets=ids[1:], backend="numba")
+    assert len(two_threads) == 2
+    # Two float32 orders of BLAS's sums: this file's tolerance (module docstring). A key or value
+    # handed over at the wrong position moves logits by 1e-2 or more (next test).
+    np.testing.assert_allclose(split_logits, one_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(split_log_p, one_log_p, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(split_logits, reference_logits(ref, ids[None])[0], atol=1e-4,
+                               rtol=0)
+
+
+def test_two_threads_catch_a_wrong_handoff(tiny, two_threads, monkeypatch):
+    """Negative control for the tolerance above: the second part attending to the first part's
+    keys one position off."""
+    from npllm.model import threads
+
+    model, _ = tiny
+    ids = np.random.default_rng(5).integers(0, model.config.vocab_size, size=40)
+    right = model(ids, backend="numba")
+    real = threads.HandOffCache.update
+
+    def shifted(self, layer, k, v):
+        k_all, v_all = real(self, layer, k, v)
+        if self.waits:
+            k_all = np.concatenate([k_all[:, :, 1:], k_all[:, :, -1:]], axis=2)
+        return k_all, v_all
+    monkeypatch.setattr(threads.HandOffCache, "update", shifted)
+    assert np.abs(model(ids, backend="numba") - right).max() > 1e-2
+
+
+def test_two_threads_only_where_they_pay(tiny, two_threads):
+    """Batches, padding masks, caches, traces, kept logits and the NumPy backend: one pass."""
+    from npllm.trace import Trace
+
+    model, _ = tiny
+    ids = np.arange(20) + 3
+    model(np.stack([ids, ids]), backend="numba")
+    model(ids[None], attention_mask=np.ones((1, 20), int), backend="numba")
+    model(ids, cache=model.new_cache(), backend="numba")
+    model(ids, logits_to_keep=1, backend="numba")
+    model(ids, backend="numpy")
+    model(ids, trace=Trace(), backend="numba")
+    model(ids[:7], backend="numba")  # below MIN_TOKENS
+    assert two_threads == []
+
+
+def test_two_threads_pass_on_an_error_without_hanging(tiny, two_threads, monkeypatch):
+    """If the first part fails, the second (waiting for its keys and values) is let go and the
+    error reaches the caller."""
+    import npllm.model.llama as llama
+
+    model, _ = tiny
+    real = llama.mlp_block
+    calls = []
+
+    def failing(x, *args, **kwargs):
+        calls.append(x.shape)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(x, *args, **kwargs)
+    monkeypatch.setattr(llama, "mlp_block", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(np.arange(30) + 3, backend="numba")
+    monkeypatch.setattr(llama, "mlp_block", real)
+    np.testing.assert_allclose(model(np.arange(30) + 3, backend="numba")[-1],
+                               model(np.arange(30) + 3, backend="numpy")[-1], atol=1e-4, rtol=0)

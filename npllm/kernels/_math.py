@@ -51,7 +51,7 @@ def bits_to_float32(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
 def exp32(v):
     """e^v for a float32 v: range reduction by ln 2, a polynomial, and 2^k from its bits."""
     c = min(max(v, X_MIN), X_MAX)
@@ -65,7 +65,7 @@ def exp32(v):
     return np.float32(0.0) if v < X_MIN else (np.float32(np.inf) if v > X_MAX else p)
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def exp_inplace(x, shift):
     """x[j] <- e^{x[j] - shift} for a float32 row x whose elements are at most ``shift`` (its
     maximum: the softmax's shifted scores). e^v for v <= 0 as :func:`exp32` computes it, less
@@ -81,7 +81,7 @@ def exp_inplace(x, shift):
         x[j] = np.float32(0.0) if v < X_MIN else p
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
 def total(x):
     """sum(x) of a float32 row, added in float64.
 
@@ -96,7 +96,7 @@ def total(x):
     return result
 
 
-@numba.njit(cache=True, fastmath={"reassoc"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
 def sum_of_squares(x):
     """sum(x * x) of a float32 row: float32 squares (as NumPy's x * x), added in float64 in
     any order (see :func:`total`)."""
@@ -106,7 +106,7 @@ def sum_of_squares(x):
     return result
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def row_max(x):
     """max(x) for a float32 row x [n] (-inf for an empty row), LANES running maxima at a time.
 

@@ -28,7 +28,7 @@ ROWS = 64  # query rows per block: smaller skips more of the causal triangle, la
            # bigger products
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _visible_keys(mask_row):
     """The keys [first, last) outside of which this row's mask is the float32 minimum (or -inf).
 
@@ -50,7 +50,7 @@ def _visible_keys(mask_row):
     return first, last
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _key_range(mask, t0, t1):
     """The keys [lo, hi) that some query row t0 <= t < t1 may see, over every batch row and head
     of ``mask`` [B or 1, H or 1, T or 1, S]."""
@@ -65,7 +65,7 @@ def _key_range(mask, t0, t1):
     return lo, hi
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _softmax_row(x, m, scale):
     """x <- softmax(x * scale + m) for one row of scores x [W] and its mask row m [W]."""
     for j in range(x.shape[0]):
@@ -76,7 +76,7 @@ def _softmax_row(x, m, scale):
         x[j] /= t
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _softmax_task(i, s, mask, scale, t0, lo):
     """Row i of the scores s [B, K, R, G, W]: query t0 + r of head kv * G + g, against keys
     lo..lo + W."""
@@ -88,14 +88,14 @@ def _softmax_task(i, s, mask, scale, t0, lo):
     _softmax_row(s[b, kv, r, g], m, scale)
 
 
-@numba.njit(cache=True, fastmath=False, parallel=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, parallel=True, error_model="numpy")
 def _softmax_parallel(s, mask, scale, t0, lo):
     """s [B, K, R, G, W] <- softmax(s * scale + mask) along W, every row in place."""
     for i in numba.prange(s.shape[0] * s.shape[1] * s.shape[2] * s.shape[3]):
         _softmax_task(i, s, mask, scale, t0, lo)
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _softmax_serial(s, mask, scale, t0, lo):
     for i in range(s.shape[0] * s.shape[1] * s.shape[2] * s.shape[3]):
         _softmax_task(i, s, mask, scale, t0, lo)

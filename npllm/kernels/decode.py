@@ -41,7 +41,7 @@ from npllm.kernels.quantized import _fma, _lane_sum, _lanes, one_input_product
 numba.get_num_threads()
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
 def _dot(a, b, acc):
     """a . b for float32 vectors [n]: 32 running sums (lane j adds a[32 i + j] b[32 i + j]), then
     a fixed tree (LLVM turns the lanes into SIMD instructions without reordering a sum)."""
@@ -58,7 +58,7 @@ def _dot(a, b, acc):
     return result
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _attend(q, k_cache, v_cache, length, out):
     """One new token's attention: q [H, Dh] against the first ``length`` positions of k_cache,
     v_cache [K, S_max, Dh] -> out [H, Dh], without a mask (it may see every cached position)."""
@@ -81,7 +81,7 @@ def _attend(q, k_cache, v_cache, length, out):
                 o[d] += p * v_cache[kv, s, d]
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def decode_layer(x, attn_norm, qkv, qkv_kind, o_proj, o_kind, mlp_norm, gate_up, gate_up_kind,
                  down, down_kind, cos, sin, k_cache, v_cache, position, eps):
     """x [D] <- the decoder layer's output for one new token at ``position`` (in place).

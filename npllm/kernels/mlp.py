@@ -7,7 +7,7 @@ from npllm.kernels._math import exp32
 from npllm.kernels._parallel import SERIAL_BELOW
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _swiglu_row(gate, up, out):
     """out = silu(gate) * up = gate / (1 + e^{-gate}) * up, one element at a time.
 
@@ -21,7 +21,7 @@ def _swiglu_row(gate, up, out):
         out[i] = g / (np.float32(1.0) + exp32(-g)) * up[i]
 
 
-@numba.njit(cache=True, fastmath=False, parallel=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, parallel=True, error_model="numpy")
 def _swiglu_parallel(both, out):
     """both [N, 2F]: each row is [gate row, up row] -> out [N, F]."""
     F = out.shape[1]
@@ -29,7 +29,7 @@ def _swiglu_parallel(both, out):
         _swiglu_row(both[i, :F], both[i, F:], out[i])
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _swiglu_serial(both, out):
     F = out.shape[1]
     for i in range(out.shape[0]):

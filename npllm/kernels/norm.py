@@ -7,7 +7,7 @@ from npllm.kernels._math import sum_of_squares
 from npllm.kernels._parallel import SERIAL_BELOW
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _rms_norm_row(x, weight, eps, out):
     """out = x * (1 / sqrt(mean(x^2) + eps)) * weight for one row x [D], in the NumPy order."""
     D = x.shape[0]
@@ -19,13 +19,13 @@ def _rms_norm_row(x, weight, eps, out):
         out[d] = x[d] * scale * weight[d]
 
 
-@numba.njit(cache=True, fastmath=False, parallel=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, parallel=True, error_model="numpy")
 def _rms_norm_parallel(x, weight, eps, out):
     for i in numba.prange(x.shape[0]):
         _rms_norm_row(x[i], weight, eps, out[i])
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _rms_norm_serial(x, weight, eps, out):
     for i in range(x.shape[0]):
         _rms_norm_row(x[i], weight, eps, out[i])

@@ -6,7 +6,7 @@ from npllm.kernels._args import float32_array as as_array
 from npllm.kernels._parallel import SERIAL_BELOW
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
 def rope_row(x, cos, sin, out):
     """out = x cos + rotate_half(x) sin for one vector x [Dh] (one head of one token) and its
     angles cos, sin [Dh]; rotate_half(x) = [-x2, x1].
@@ -22,7 +22,7 @@ def rope_row(x, cos, sin, out):
         out[i] = x[i] * cos[i] + x[i - half] * sin[i]
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _rope_head(x, cos, sin, out, a, n):
     """RoPE for every row t of head n of x [A, N, T, Dh] (:func:`rope_row`), with the angles cos,
     sin [A or 1, T, Dh] shared by the heads."""
@@ -31,13 +31,13 @@ def _rope_head(x, cos, sin, out, a, n):
         rope_row(x[a, n, t], cos[c, t], sin[c, t], out[a, n, t])
 
 
-@numba.njit(cache=True, fastmath=False, parallel=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, parallel=True, error_model="numpy")
 def _rope_parallel(x, cos, sin, out):
     for i in numba.prange(x.shape[0] * x.shape[1]):
         _rope_head(x, cos, sin, out, i // x.shape[1], i % x.shape[1])
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _rope_serial(x, cos, sin, out):
     for i in range(x.shape[0] * x.shape[1]):
         _rope_head(x, cos, sin, out, i // x.shape[1], i % x.shape[1])

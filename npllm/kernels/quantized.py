@@ -148,7 +148,7 @@ def _half_to_float32_hardware(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
 def _half_to_float32_bits(bits):
     """The same conversion from the bits, for CPUs without one (exact for every float16).
 
@@ -181,7 +181,7 @@ def _has_half_instructions():
 _half = _half_to_float32_hardware if _has_half_instructions() else _half_to_float32_bits
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
 def _lane_sum(acc, start):
     """acc[start] + ... + acc[start + 31], added in a fixed tree (halves, then quarters, ...)."""
     for j in range(16):
@@ -195,7 +195,7 @@ def _lane_sum(acc, start):
 
 # --- Q4_1 -------------------------------------------------------------------------------------
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
 def _q4_1_weight(d, q, m):
     """w = d q + m as ``gguf.quants.dequantize`` rounds it, float32(float32(d q) + m), in one
     fused multiply-add (one instruction instead of two).
@@ -209,7 +209,7 @@ def _q4_1_weight(d, q, m):
     return _fma(d, q, m)
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
 def _q4_1_pair(blocks, halves, x, r0, r1, acc):
     """Rows r0 and r1 of W times x [D]: lanes acc[0:32] and acc[32:64].
 
@@ -231,7 +231,7 @@ def _q4_1_pair(blocks, halves, x, r0, r1, acc):
             acc[48 + j] = _fma(_q4_1_weight(d1, _high_nibble(q1), m1), x[xb + 16 + j], acc[48 + j])
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
 def _q4_1_two_inputs(blocks, halves, x0, x1, r, acc):
     """Row r of W times x0 and x1 [D] (each weight expanded once, used twice): lanes acc[0:32]
     and acc[32:64]."""
@@ -250,7 +250,7 @@ def _q4_1_two_inputs(blocks, halves, x0, x1, r, acc):
             acc[48 + j] = _fma(high, x1[xb + 16 + j], acc[48 + j])
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", parallel=True)
 def _q4_1_one_input(blocks, x, y):
     """y [1, N] = x [1, D] W^T, two rows of W per task (the last row twice if N is odd), the
     tasks spread over Numba's threads (see :func:`_one_thread`)."""
@@ -262,7 +262,7 @@ def _q4_1_one_input(blocks, x, y):
         y[0, r0], y[0, r1] = _lane_sum(acc, 0), _lane_sum(acc, 32)
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", parallel=True)
 def _q4_1_inputs(blocks, x, y):
     """y [n, N] = x [n, D] W^T for n >= 2: one row of W per task, against two inputs at a time
     (the last input twice if n is odd). A separate driver: decoding one sequence never
@@ -278,7 +278,7 @@ def _q4_1_inputs(blocks, x, y):
 
 # --- Q8_0 -------------------------------------------------------------------------------------
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
 def _q8_0_pair(blocks, halves, x, r0, r1, acc):
     """Rows r0 and r1 of W times x [D]: lanes acc[0:32] and acc[32:64].
 
@@ -295,7 +295,7 @@ def _q8_0_pair(blocks, halves, x, r0, r1, acc):
             acc[32 + j] = _fma(_signed_byte(blocks[r1, qs + j]) * d1, x[xb + j], acc[32 + j])
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
 def _q8_0_two_inputs(blocks, halves, x0, x1, r, acc):
     """Row r of W times x0 and x1 [D]: lanes acc[0:32] and acc[32:64]."""
     for j in range(64):
@@ -310,7 +310,7 @@ def _q8_0_two_inputs(blocks, halves, x0, x1, r, acc):
             acc[32 + j] = _fma(w, x1[xb + j], acc[32 + j])
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", parallel=True)
 def _q8_0_one_input(blocks, x, y):
     """y [1, N] = x [1, D] W^T, two rows of W per task (the last row twice if N is odd), the
     tasks spread over Numba's threads (see :func:`_one_thread`)."""
@@ -322,7 +322,7 @@ def _q8_0_one_input(blocks, x, y):
         y[0, r0], y[0, r1] = _lane_sum(acc, 0), _lane_sum(acc, 32)
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", parallel=True)
 def _q8_0_inputs(blocks, x, y):
     """y [n, N] = x [n, D] W^T for n >= 2: one row of W per task, against two inputs at a time
     (the last input twice if n is odd). A separate driver: decoding one sequence never
@@ -345,7 +345,7 @@ _DRIVERS = {"Q4_1": (_q4_1_one_input, _q4_1_inputs), "Q8_0": (_q8_0_one_input, _
 KINDS = {"Q4_1": 0, "Q8_0": 1}
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def one_input_product(blocks, kind, x, y):
     """y [1, N] = x [1, D] W^T for W in blocks of type ``kind`` (:data:`KINDS`), from compiled
     code: the parallel driver of that type, on Numba's threads."""

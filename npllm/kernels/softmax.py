@@ -8,7 +8,7 @@ from npllm.kernels._math import exp_inplace, row_max, total
 from npllm.kernels._parallel import SERIAL_BELOW
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _row_max(x):
     top = x[0]
     for j in range(1, x.shape[0]):
@@ -16,7 +16,7 @@ def _row_max(x):
     return top
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _softmax_row(x, out):
     """out = e^{x - max} / sum(e^{x - max}) for one row x [V]."""
     top = _row_max(x)
@@ -29,7 +29,7 @@ def _softmax_row(x, out):
         out[j] /= total32
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _log_softmax_row(x, out):
     """out = (x - max) - log(sum(e^{x - max})) for one row x [V] (logsumexp)."""
     top = _row_max(x)
@@ -41,25 +41,25 @@ def _log_softmax_row(x, out):
         out[j] = (x[j] - top) - log_total
 
 
-@numba.njit(cache=True, fastmath=False, parallel=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, parallel=True, error_model="numpy")
 def _softmax_parallel(x, out):
     for i in numba.prange(x.shape[0]):
         _softmax_row(x[i], out[i])
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _softmax_serial(x, out):
     for i in range(x.shape[0]):
         _softmax_row(x[i], out[i])
 
 
-@numba.njit(cache=True, fastmath=False, parallel=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, parallel=True, error_model="numpy")
 def _log_softmax_parallel(x, out):
     for i in numba.prange(x.shape[0]):
         _log_softmax_row(x[i], out[i])
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _log_softmax_serial(x, out):
     for i in range(x.shape[0]):
         _log_softmax_row(x[i], out[i])
@@ -86,7 +86,7 @@ def log_softmax(x, axis=-1):
 
 # -- the LM head and the log-softmax at the targets, fused ----------------------------------------
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _logsumexp_task(i, logits, v0, targets, top, total_exp, picked):
     """Fold row i of a block of logits [N, C] (vocabulary entries v0..v0 + C) into that row's
     running maximum ``top`` and sum of e^{logit - top}, and keep its target's logit.
@@ -107,13 +107,13 @@ def _logsumexp_task(i, logits, v0, targets, top, total_exp, picked):
     total_exp[i] += total(x)
 
 
-@numba.njit(cache=True, fastmath=False, parallel=True, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, parallel=True, error_model="numpy")
 def _logsumexp_parallel(logits, v0, targets, top, total_exp, picked):
     for i in numba.prange(logits.shape[0]):
         _logsumexp_task(i, logits, v0, targets, top, total_exp, picked)
 
 
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _logsumexp_serial(logits, v0, targets, top, total_exp, picked):
     for i in range(logits.shape[0]):
         _logsumexp_task(i, logits, v0, targets, top, total_exp, picked)
