@@ -258,7 +258,8 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
     - ``targets`` (ints shaped like ``input_ids``, or like the kept positions): instead of the
       logits, :math:`\log P(\text{targets}[t] \mid \text{input\_ids}[:t+1])`, [T] or [B, T],
       as ``token_log_probs(logits, targets)`` computes them from the logits (lecture 000's chain
-      rule, for scoring). The Numba backend then never holds the [T, V] logits at once.
+      rule, for scoring). The Numba backend then never holds the [T, V] logits at once. With an
+      ``attention_mask``, padded positions get 0: their LM head is not computed.
 
     ``packed``: ``{name: PackedWeight}``, the matrices of the linear layers and the LM head in
     their GGUF blocks (:func:`npllm.model.weights.load_packed`). Used only when decoding (one
@@ -346,8 +347,12 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
         out = lm_head_logits(x.reshape(-1, x.shape[-1]), W).reshape(B, kept, -1)
     elif isinstance(W, PackedWeight):  # decoding: one position's logits, then log P(target)
         out = token_log_probs(lm_head_logits(x, W), targets.reshape(B, kept))
-    else:  # log P(targets | ...) [B, T]: the LM head and log-softmax at the targets
+    elif attention_mask is None:  # log P(targets | ...) [B, T]: LM head, log-softmax, targets
         out = be.lm_head_log_probs(x, W, targets.reshape(B, kept))
+    else:  # the same where there is a token; padding's predictions are not computed (0)
+        real = np.asarray(attention_mask)[:, -kept:] != 0  # [B, kept]
+        out = np.zeros((B, kept), np.float32)
+        out[real] = be.lm_head_log_probs(x[real], W, targets.reshape(B, kept)[real])
     if trace is not None:
         trace.keep("logits", out if targets is None else (lambda: lm_head_logits(x, W)))
     if cache is not None:
