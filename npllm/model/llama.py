@@ -267,6 +267,11 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
     unless ``NPLLM_PACKED=0``: each token then reads 96 MB instead of 538 MB for the default
     model. The weights are bit-identical to the float32 ones; only the order of the float32
     additions differs, so the logits agree with float32 decoding to float32 rounding.
+
+    On the Numba backend, two more choices change how fast, not what, it computes: decoding one
+    sequence from packed weights runs each layer in one compiled call
+    (:func:`decode_layers`), and one sequence of many tokens runs as two concurrent passes over
+    its two parts (:mod:`npllm.model.threads`). Both run the steps of the loop below.
     """
     be = get_backend(backend)
     ids = np.asarray(input_ids)
