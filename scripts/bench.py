@@ -20,8 +20,9 @@ What is measured (DESIGN.md's performance targets; ratios are npllm / transforme
   both generate exactly 64); the same without the cache, and the cache's speed-up.
 - **batch score**: 1,000 short sentences (``npllm.score``, batches of 16) against a plain
   transformers loop computing the same per-sentence log-probabilities: the same token ids (the
-  BOS npllm adds included), batches of 16 in input order (as ``npllm.score`` cuts them),
-  right-padded, ``attention_mask``, ``log_softmax``, gather.
+  BOS npllm adds included), the same batches (``npllm.score`` sorts the texts of each chunk of
+  8 batches by length before it cuts them: ``score_batches``), right-padded,
+  ``attention_mask``, ``log_softmax``, gather.
 - **load / memory**: in a fresh process, ``npllm.load`` from the cache folder, then scoring the
   512-token text (tokenizer, forward pass, log-probabilities); its peak resident memory
   (``ru_maxrss``: the memory-mapped weights it touched included) against the float32 weight
@@ -191,6 +192,7 @@ class NpllmWorker:
             prompt = tok.encode(data["text"])[:PROMPT_TOKENS]
             batch = [[bos] + tok.encode(s) for s in data["sentences"]]
             return {"ids": ids, "prompt": prompt, "batch": batch,
+                    "batches": score_batches(data["sentences"], batch),
                     "text": tok.decode(ids[1:])}
         raise ValueError(task)
 
@@ -204,6 +206,18 @@ def log_probs_npllm(model, ids):
         return model(ids[:-1], targets=ids[1:])
     from npllm.equations import token_log_probs  # npllm before the fused LM head
     return token_log_probs(model(ids)[:-1], ids[1:])
+
+
+def score_batches(texts, rows):
+    """The batches ``npllm.score`` makes of these texts, whose token ids (with its BOS) are
+    ``rows``: its chunks of the input, each sorted by length and cut into batches of
+    ``BATCH_SIZE`` (``npllm.score.chunks``, ``npllm.score.batch_plan``), as lists of indices."""
+    from npllm.score import batch_plan, chunks
+    out = []
+    for chunk in chunks([(text, None) for text in texts], BATCH_SIZE):
+        out += [[chunk.start + k for k in batch]
+                for batch in batch_plan([len(rows[i]) for i in chunk], BATCH_SIZE)]
+    return out
 
 
 def _numba_layer():
@@ -256,11 +270,10 @@ class TorchWorker:
                                           use_cache=task == "decode_cache",
                                           pad_token_id=0)
                 return {"ids": out[0, ids.shape[1]:].tolist()}
-            if task == "batch":  # the straightforward loop: batches of 16 in input order
+            if task == "batch":  # the straightforward loop, over the batches npllm.score makes
                 rows = data["batch"]
                 totals = [0.0] * len(rows)
-                for start in range(0, len(rows), BATCH_SIZE):
-                    chunk = range(start, min(start + BATCH_SIZE, len(rows)))
+                for chunk in data["batches"]:
                     T = max(len(rows[r]) for r in chunk)
                     ids = torch.zeros((len(chunk), T), dtype=torch.long)
                     mask = torch.zeros((len(chunk), T), dtype=torch.long)
@@ -482,7 +495,8 @@ def main():
                                         max(1, repeats // 2 + 1), log)
     log(f"score {n_sentences} sentences ...")
     res["batch"] = interleaved(workers, "batch",
-                               {"sentences": sentences(n_sentences), "batch": enc["batch"]},
+                               {"sentences": sentences(n_sentences), "batch": enc["batch"],
+                                "batches": enc["batches"]},
                                max(1, repeats // 2 + 1), log)
     info = {w.kind: w.ask("info") for w in workers}  # after the runs: Numba's layer is known
     for w in workers:

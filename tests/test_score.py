@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from tiny_models import CORPUS, load_reference, tiny_llama
 
 import npllm
-from npllm.score import (MAX_BATCH_TOKENS, ScoreError, TextScore, _prepare, corpus_perplexity,
-                         iter_scores, resolve_bos, score)
+from npllm.score import (CHUNK_CHARACTERS, MAX_BATCH_TOKENS, SORT_BATCHES, ScoreError,
+                         TextScore, _prepare, batch_plan, chunks, corpus_perplexity, iter_scores,
+                         resolve_bos, score)
 
 PIECES = list("abcdefghijklmnopqrstuvwxyz      .,!?'\n0123456789") + [
     "The", " quick", " brown", " fox", "é", "東京", "🙂", "\t", "  "]
@@ -291,6 +292,53 @@ def test_batches_are_cut_by_token_budget(tiny, monkeypatch):
     score(model, ["a b", CORPUS[:600], "c d e", "f"], batch_size=4)
     assert all(b * t <= MAX_BATCH_TOKENS or b == 1 for b, t in calls)
     assert any(b == 1 and t > 100 for b, t in calls)  # the long text went alone
+
+
+def test_texts_are_sorted_by_length_within_fixed_chunks(tiny, monkeypatch):
+    """Short and long texts in alternation are batched short with short and long with long
+    (within a chunk of SORT_BATCHES batches), so that little is padded; results come back in
+    input order."""
+    model, _ = tiny
+    short, long = corpus_texts(24, seed=7, max_chars=20), corpus_texts(24, seed=8, max_chars=300)
+    long = [t + " " + CORPUS[:200] for t in long]
+    texts = [t for pair in zip(short, long) for t in pair]
+    calls = []
+    real = type(model).forward
+
+    def spy(self, ids, *args, **kwargs):
+        calls.append(np.asarray(ids).shape)
+        return real(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    monkeypatch.setattr(type(model), "__call__", spy)
+    scores = score(model, texts, batch_size=4)
+    lengths = [s.n_tokens + 1 for s in scores]  # + the BOS: the rows' lengths
+    padded = sum(b * t for b, t in calls)
+    # In input order every batch of 4 would hold 2 short and 2 long texts: padded together, or
+    # (more than PASS_COST_TOKENS apart, as here) in 2 passes each, 24 in all.
+    assert padded < 1.15 * sum(lengths) and len(calls) <= len(texts) // 4 + 2, calls
+    monkeypatch.setattr(type(model), "forward", real)
+    monkeypatch.setattr(type(model), "__call__", real)
+    for i in (0, 1, 46, 47):  # in input order, and as each text alone
+        assert scores[i].log_probs == pytest.approx(score(model, texts[i]).log_probs, abs=1e-5)
+
+
+def test_chunks_are_cut_by_count_and_characters():
+    items = [("a" * 10, None)] * 100 + [("b" * 30000, "c" * 10000)] * 5 + [(None, None)] * 3
+    cut = chunks(items, 4)
+    assert [len(c) for c in cut[:3]] == [4 * SORT_BATCHES] * 3  # 96 short texts
+    assert cut[0].start == 0 and all(a.stop == b.start for a, b in zip(cut, cut[1:]))
+    assert cut[-1].stop == len(items)
+    for c in cut:  # a chunk passes CHUNK_CHARACTERS only with a single item
+        size = sum(len(t or "") + len(x or "") for t, x in items[c.start:c.stop])
+        assert size <= CHUNK_CHARACTERS or len(c) == 1
+    assert chunks(items, 4) == cut  # from the items alone
+
+
+def test_batch_plan_sorts_longest_first_and_keeps_ties_in_order():
+    assert batch_plan([3, 9, 3, 9, 5], 2) == [[1, 3], [4, 0], [2]]
+    assert batch_plan([], 4) == []
+    assert batch_plan([100, 10], 4) == [[0], [1]]  # 90 positions of padding: a pass of its own
 
 
 def test_log_probs_alone_equal_log_probs_from_the_logits(tiny):
