@@ -276,10 +276,8 @@ def test_batch_invariance_50_texts_batches_of_1_7_32(tiny):
             np.testing.assert_allclose(b.log_probs, a.log_probs, atol=1e-5, rtol=0)
 
 
-def test_batches_are_cut_by_token_budget(tiny, monkeypatch):
-    """A long row is not padded together with short ones (a pass of its own is cheaper), and no
-    batch exceeds the token budget."""
-    model, _ = tiny
+def forward_shapes(model, monkeypatch):
+    """The [B, T] of every forward pass of ``model`` from now on (until monkeypatch undoes it)."""
     calls = []
     real = type(model).forward
 
@@ -289,6 +287,14 @@ def test_batches_are_cut_by_token_budget(tiny, monkeypatch):
 
     monkeypatch.setattr(type(model), "forward", spy)
     monkeypatch.setattr(type(model), "__call__", spy)
+    return calls
+
+
+def test_batches_are_cut_by_token_budget(tiny, monkeypatch):
+    """A long row is not padded together with short ones (a pass of its own is cheaper), and no
+    batch exceeds the token budget."""
+    model, _ = tiny
+    calls = forward_shapes(model, monkeypatch)
     score(model, ["a b", CORPUS[:600], "c d e", "f"], batch_size=4)
     assert all(b * t <= MAX_BATCH_TOKENS or b == 1 for b, t in calls)
     assert any(b == 1 and t > 100 for b, t in calls)  # the long text went alone
@@ -302,23 +308,14 @@ def test_texts_are_sorted_by_length_within_fixed_chunks(tiny, monkeypatch):
     short, long = corpus_texts(24, seed=7, max_chars=20), corpus_texts(24, seed=8, max_chars=300)
     long = [t + " " + CORPUS[:200] for t in long]
     texts = [t for pair in zip(short, long) for t in pair]
-    calls = []
-    real = type(model).forward
-
-    def spy(self, ids, *args, **kwargs):
-        calls.append(np.asarray(ids).shape)
-        return real(self, ids, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "forward", spy)
-    monkeypatch.setattr(type(model), "__call__", spy)
+    calls = forward_shapes(model, monkeypatch)
     scores = score(model, texts, batch_size=4)
     lengths = [s.n_tokens + 1 for s in scores]  # + the BOS: the rows' lengths
     padded = sum(b * t for b, t in calls)
     # In input order every batch of 4 would hold 2 short and 2 long texts: padded together, or
     # (more than PASS_COST_TOKENS apart, as here) in 2 passes each, 24 in all.
     assert padded < 1.15 * sum(lengths) and len(calls) <= len(texts) // 4 + 2, calls
-    monkeypatch.setattr(type(model), "forward", real)
-    monkeypatch.setattr(type(model), "__call__", real)
+    monkeypatch.undo()
     for i in (0, 1, 46, 47):  # in input order, and as each text alone
         assert scores[i].log_probs == pytest.approx(score(model, texts[i]).log_probs, abs=1e-5)
 
