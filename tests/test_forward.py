@@ -280,12 +280,18 @@ def test_two_threads_give_the_single_pass(tiny, two_threads):
     transformers does."""
     from npllm.model import threads
 
+    from threadpoolctl import threadpool_info
+
+    def blas():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
     model, ref = tiny
     rng = np.random.default_rng(5)
     ids = rng.integers(0, model.config.vocab_size, size=40)
+    before = blas()
     split_logits = model(ids, backend="numba")
     split_log_p = model(ids[:-1], targets=ids[1:], backend="numba")
-    assert two_threads == [(1, 40), (1, 39)]
+    assert two_threads == [(1, 40), (1, 39)] and blas() == before  # BLAS's threads restored
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(threads, "MIN_TOKENS", 10**9)
         one_logits = model(ids, backend="numba")
@@ -354,3 +360,17 @@ def test_two_threads_pass_on_an_error_without_hanging(tiny, two_threads, monkeyp
     monkeypatch.setattr(llama, "mlp_block", real)
     np.testing.assert_allclose(model(np.arange(30) + 3, backend="numba")[-1],
                                model(np.arange(30) + 3, backend="numpy")[-1], atol=1e-4, rtol=0)
+
+
+def test_two_threads_called_from_two_threads(tiny, two_threads):
+    """Two long forward passes called at once from two threads take turns on the split (BLAS's
+    thread count is process-wide) and both give the single pass's numbers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, _ = tiny
+    ids = [np.random.default_rng(s).integers(0, model.config.vocab_size, size=30) for s in (1, 2)]
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda x: model(x, backend="numba"), ids))
+    assert len(two_threads) == 2
+    for x, got in zip(ids, both):
+        np.testing.assert_allclose(got, model(x, backend="numpy"), atol=1e-4, rtol=0)

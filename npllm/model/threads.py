@@ -17,6 +17,9 @@ tokens 50%, 55%, 60%, 65% took 0.75, 0.72 to 0.74, 0.79 to 0.83, 0.82 to 0.87 s.
 computed by the same functions as in a single pass, on fewer rows, so the numbers are those of
 the single pass up to the order of BLAS's sums.
 
+While a split runs, NumPy's BLAS runs on one thread for the whole process (its thread count is
+process-wide): products that other threads of the program make meanwhile run on one thread too.
+
 When: one sequence (no padding mask, no cache, all logits or log-probabilities) of at least
 ``MIN_TOKENS`` tokens, on the Numba backend, when NumPy's BLAS has two threads or more. Measured
 on this 2-core machine, default model, median of 7, one pass against two threads: 128 tokens
@@ -36,6 +39,9 @@ MIN_TOKENS = 384  # shorter sequences: one pass (see above)
 SPLIT = 0.55  # the first thread's share of the tokens
 
 _pool = {}
+# BLAS's thread count is the process's: two splits at once (forward passes called from two
+# threads) would restore it in the wrong order. They take turns; each uses both cores anyway.
+_one_at_a_time = threading.Lock()
 
 
 def _controller():
@@ -121,7 +127,7 @@ def forward_on_two_threads(run, config, ids, targets=None):
 
     h = max(1, min(T - 1, round(SPLIT * T)))
     first, second = HandOffCache.pair(config, T, h)
-    with _controller().limit(limits=1):
+    with _one_at_a_time, _controller().limit(limits=1):
         other = _pool["workers"].submit(part, slice(h, T), second)
         mine = part(slice(0, h), first)
         return np.concatenate([mine, other.result()], axis=1)
