@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.real_model
@@ -36,3 +37,32 @@ def test_bench_smoke_runs_and_both_sides_agree(tmp_path):
     total = checks["score512_total_logprob"]
     assert abs(total["npllm"] - total["transformers"]) < 511e-4
     assert checks["batch_max_abs_diff_nats"] < 3e-3
+
+
+def test_transformers_gets_the_batches_npllm_score_makes(default_model, monkeypatch):
+    """The batch comparison is between engines: the transformers loop is handed the batches
+    npllm.score forms (sorted by length within its chunks), read here from npllm's own forward
+    passes on 300 of the benchmark's sentences (three chunks)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench
+    import npllm
+    from npllm.score import resolve_bos
+
+    texts = bench.sentences(300)
+    bos = resolve_bos(default_model).id
+    rows = [[bos] + default_model.tokenizer.encode(t) for t in texts]
+    seen = []
+    real = type(default_model).forward
+
+    def spy(self, ids, *args, **kwargs):
+        seen.append([tuple(int(t) for t in row if t) for row in np.asarray(ids)])
+        return real(self, ids, *args, **kwargs)
+    monkeypatch.setattr(type(default_model), "forward", spy)
+    monkeypatch.setattr(type(default_model), "__call__", spy)
+    npllm.score(default_model, texts, batch_size=bench.BATCH_SIZE)
+    planned = bench.score_batches(texts, rows)
+    assert len(planned) == len(seen) and sum(map(len, planned)) == len(texts)
+    for batch, ids in zip(planned, seen):
+        # A row's last token is only a target, never an input. Padding is id 0 (also
+        # <|endoftext|>, the BOS): compare the rows without zeros.
+        assert [tuple(t for t in rows[i][:-1] if t) for i in batch] == ids
