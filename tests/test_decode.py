@@ -133,13 +133,12 @@ def test_decode_layer_equals_the_equations(seed, K, ratio, Dh, F, position, type
 
 
 def test_decode_layer_bound_catches_a_wrong_key_value_head():
-    """Negative control: pairing query head h with key/value head h % K (tiling) instead of
-    h // (H / K) moves the output far outside the bound above."""
+    """Negative control: a query head reading the wrong key/value head's cache (here the two
+    heads' cached keys and values swapped) moves the output far outside the bound above."""
     a = layer_inputs(7, 6, 2, 32, 64, 12, dict.fromkeys(("qkv", "o", "gate_up", "down"), "Q4_1"))
     exact = run_equations(a, np.float64)[0]
     float32 = run_equations(a, np.float32)[0]
     bound = 4 * np.abs(float32 - exact).max() + 16 * U * np.abs(exact).max()
-    # The kernel given a cache whose heads are tiled the other way round gives the tiling answer.
     swapped = dict(a, k_cache=a["k_cache"][::-1].copy(), v_cache=a["v_cache"][::-1].copy())
     x = run_kernel(swapped)[0]
     assert np.abs(x - exact).max() > 100 * bound

@@ -278,9 +278,9 @@ def test_two_threads_give_the_single_pass(tiny, two_threads):
     """The same rows through the same functions (the second part as a continuation with the
     first part's keys and values): logits and log-probabilities as one pass gives them, and as
     transformers does."""
-    from npllm.model import threads
+    from threadpoolctl import threadpool_info, threadpool_limits
 
-    from threadpoolctl import threadpool_info
+    from npllm.model import threads
 
     def blas():
         return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
@@ -288,10 +288,11 @@ def test_two_threads_give_the_single_pass(tiny, two_threads):
     model, ref = tiny
     rng = np.random.default_rng(5)
     ids = rng.integers(0, model.config.vocab_size, size=40)
-    before = blas()
-    split_logits = model(ids, backend="numba")
-    split_log_p = model(ids[:-1], targets=ids[1:], backend="numba")
-    assert two_threads == [(1, 40), (1, 39)] and blas() == before  # BLAS's threads restored
+    with threadpool_limits(2, user_api="blas"):  # the session runs BLAS on one thread
+        split_logits = model(ids, backend="numba")
+        split_log_p = model(ids[:-1], targets=ids[1:], backend="numba")
+        assert blas() == [2] * len(blas())  # the split's one thread was given back
+    assert two_threads == [(1, 40), (1, 39)]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(threads, "MIN_TOKENS", 10**9)
         one_logits = model(ids, backend="numba")
@@ -363,8 +364,8 @@ def test_two_threads_pass_on_an_error_without_hanging(tiny, two_threads, monkeyp
 
 
 def test_two_threads_called_from_two_threads(tiny, two_threads):
-    """Two long forward passes called at once from two threads take turns on the split (BLAS's
-    thread count is process-wide) and both give the single pass's numbers."""
+    """Two long forward passes called at once from two threads (the splits take turns: BLAS's
+    thread count is process-wide) both split, and both give the single pass's numbers."""
     from concurrent.futures import ThreadPoolExecutor
 
     model, _ = tiny

@@ -408,10 +408,7 @@ def packed_product(blocks, ggml_type, x, parallel=None):
     y = np.empty((rows.shape[0], N), np.float32)
     if N and rows.shape[0]:
         driver = _DRIVERS[ggml_type][rows.shape[0] > 1]
-        if parallel is False or rows.shape[0] * N * D < SERIAL_MATVEC_BELOW:
-            with _one_thread():
-                driver(blocks, rows, y)
-        else:
+        with one_thread_while(parallel is False or rows.shape[0] * N * D < SERIAL_MATVEC_BELOW):
             driver(blocks, rows, y)
     return y.reshape(x.shape[:-1] + (N,))
 

@@ -38,7 +38,7 @@ from npllm.model.llama import KVCache
 MIN_TOKENS = 384  # shorter sequences: one pass (see above)
 SPLIT = 0.55  # the first thread's share of the tokens
 
-_pool = {}
+_made = {}  # made at first use: threadpoolctl's BLAS controller, the worker thread
 # BLAS's thread count is the process's: two splits at once (forward passes called from two
 # threads) would restore it in the wrong order. They take turns; each uses both cores anyway.
 _one_at_a_time = threading.Lock()
@@ -46,10 +46,10 @@ _one_at_a_time = threading.Lock()
 
 def _controller():
     """threadpoolctl's view of the BLAS libraries loaded (made once: it scans the process)."""
-    if "blas" not in _pool:
+    if "blas" not in _made:
         from threadpoolctl import ThreadpoolController
-        _pool["blas"] = ThreadpoolController().select(user_api="blas")
-    return _pool["blas"]
+        _made["blas"] = ThreadpoolController().select(user_api="blas")
+    return _made["blas"]
 
 
 def blas_threads():
@@ -114,8 +114,8 @@ def forward_on_two_threads(run, config, ids, targets=None):
     ids, targets [1, T] -> logits [1, T, V] or log P [1, T].
     """
     T = ids.shape[1]
-    if "workers" not in _pool:
-        _pool["workers"] = ThreadPoolExecutor(1, thread_name_prefix="npllm-forward")
+    if "worker" not in _made:
+        _made["worker"] = ThreadPoolExecutor(1, thread_name_prefix="npllm-forward")
 
     def part(tokens, cache):
         try:
@@ -128,6 +128,6 @@ def forward_on_two_threads(run, config, ids, targets=None):
     h = max(1, min(T - 1, round(SPLIT * T)))
     first, second = HandOffCache.pair(config, T, h)
     with _one_at_a_time, _controller().limit(limits=1):
-        other = _pool["workers"].submit(part, slice(h, T), second)
+        other = _made["worker"].submit(part, slice(h, T), second)
         mine = part(slice(0, h), first)
         return np.concatenate([mine, other.result()], axis=1)
