@@ -588,13 +588,17 @@ def batch_plan(lengths, batch_size):
 def _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy):
     """Forward passes over ``rows`` in the padded batches of :func:`batch_plan`; results per
     row, in order. When only log-probabilities are asked for, the forward pass returns them
-    directly (``targets=``) and the [B, T, V] logits are never formed.
+    directly (``targets=``) and the [B, T, V] logits are never formed; the batches then run two
+    at a time on the Numba backend (:func:`npllm.model.threads.map_on_two_threads`: between
+    BLAS's products, the rest of a forward pass would use one core).
     """
+    from npllm.backend import backend_name
     from npllm.equations import greedy, log_softmax, token_log_probs
+    from npllm.model import threads
 
     need_logits = with_rank or with_entropy or with_greedy
-    out = [None] * len(rows)
-    for which in batch_plan([len(row.ids) for row in rows], batch_size):
+
+    def run(which):  # one padded batch -> a result per row
         batch = [rows[r] for r in which]
         longest = len(batch[0].ids)
         ids = np.zeros((len(batch), longest), dtype=np.int64)
@@ -605,14 +609,13 @@ def _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy):
             mask[k, :len(row.ids)] = 1
             targets[k, row.logit_rows] = row.targets
         mask = mask if len(batch) > 1 else None
-        if need_logits:
-            logits = model(ids, attention_mask=mask)  # [B, T, V]
-        else:  # log P(target) at every position [B, T]; the padding's are never read
+        if not need_logits:  # log P(target) at every position [B, T]; the padding's are never read
             log_probs = model(ids, attention_mask=mask, targets=targets)
+            return [{"log_probs": log_probs[k, row.logit_rows].astype(np.float64)}
+                    for k, row in enumerate(batch)]
+        logits = model(ids, attention_mask=mask)  # [B, T, V]
+        out = []
         for k, row in enumerate(batch):
-            if not need_logits:
-                out[which[k]] = {"log_probs": log_probs[k, row.logit_rows].astype(np.float64)}
-                continue
             x = logits[k, row.logit_rows]  # [n, V]: the predictions we keep
             res = {"log_probs": token_log_probs(x, row.targets).astype(np.float64)}
             target_logit = np.take_along_axis(x, row.targets[:, None], axis=-1)
@@ -623,7 +626,19 @@ def _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy):
                 res["entropies"] = -(np.exp(lp) * lp).sum(-1)
             if with_greedy:
                 res["is_greedy"] = greedy(x) == row.targets
-            out[which[k]] = res
+            out.append(res)
+        return out
+
+    plan = batch_plan([len(row.ids) for row in rows], batch_size)
+    # Not with logits: two batches' [B, T, V] logits at once would double the peak memory.
+    if not need_logits and threads.batches_pay(len(plan), backend_name(getattr(model, "backend", None))):
+        done = threads.map_on_two_threads(run, plan)
+    else:
+        done = [run(which) for which in plan]
+    out = [None] * len(rows)
+    for which, results in zip(plan, done):
+        for r, res in zip(which, results):
+            out[r] = res
     return out
 
 

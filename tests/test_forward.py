@@ -375,3 +375,58 @@ def test_two_threads_called_from_two_threads(tiny, two_threads):
     assert len(two_threads) == 2
     for x, got in zip(ids, both):
         np.testing.assert_allclose(got, model(x, backend="numpy"), atol=1e-4, rtol=0)
+
+
+# --- several batches two at a time (threads.map_on_two_threads, used by npllm.score) ----------
+
+def test_map_on_two_threads_uses_both_with_blas_on_one_and_restores_it(monkeypatch):
+    """Both threads take items, results come back in order, BLAS runs on one thread meanwhile
+    and on two again after, and a forward pass called inside is not split again (its lock is
+    taken: that would wait forever)."""
+    import threading
+    import time
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from npllm.model import threads
+
+    def blas():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    monkeypatch.setattr(threads, "blas_threads", lambda: 2)
+    seen = []
+
+    def square(x):
+        seen.append((threading.current_thread().name, blas(), threads.pays(1, 10**6),
+                     threads.batches_pay(2, "numba")))
+        time.sleep(0.01)  # let the other thread take the next one
+        return x * x
+
+    with threadpool_limits(2, user_api="blas"):  # the session runs BLAS on one thread
+        assert threads.map_on_two_threads(square, range(12)) == [x * x for x in range(12)]
+        assert blas() == [2] * len(blas())
+    assert len({name for name, *_ in seen}) == 2
+    assert all(b == [1] * len(b) for _, b, _, _ in seen)
+    assert not any(split or again for _, _, split, again in seen)
+    assert threads.pays(1, 10**6) and threads.batches_pay(2, "numba")  # outside: again
+
+
+def test_map_on_two_threads_stops_at_an_error():
+    """An error in one call reaches the caller; no further item is started, and the next call
+    runs (nothing is left locked)."""
+    import time
+
+    from npllm.model import threads
+    started = []
+
+    def fails_at_3(x):
+        started.append(x)
+        time.sleep(0.01)
+        if x == 3:
+            raise RuntimeError("boom")
+        return x
+
+    with pytest.raises(RuntimeError, match="boom"):
+        threads.map_on_two_threads(fails_at_3, range(100))
+    assert 3 in started and len(started) <= 6
+    assert threads.map_on_two_threads(lambda x: -x, range(3)) == [0, -1, -2]

@@ -483,3 +483,29 @@ def test_corpus_perplexity_of_one_document_uses_tokens(tiny):
     assert result.stderr_method.startswith("tokens") and result.stderr == result.stderr_tokens
     with pytest.raises(ScoreError, match="no document could be scored"):
         corpus_perplexity(model, ["", ""])
+
+
+def test_batches_two_at_a_time_give_the_numbers_of_one_after_another(tiny, monkeypatch):
+    """On the Numba backend with BLAS on two threads, a chunk's batches run two at a time
+    (npllm.model.threads.map_on_two_threads). Each batch is the same forward pass on either
+    thread (BLAS on one thread in both, in this session), so every text gets bit for bit the
+    numbers of batches run one after another: a result put in another text's place would
+    differ. With logits asked for (ranks), batches run one after another."""
+    from npllm.model import threads
+
+    model, _ = tiny
+    monkeypatch.setattr(model, "backend", "numba")
+    monkeypatch.setattr(threads, "blas_threads", lambda: 2)
+    runs = []
+    real = threads.map_on_two_threads
+    monkeypatch.setattr(threads, "map_on_two_threads",
+                        lambda fn, items: runs.append(len(items)) or real(fn, items))
+    texts = corpus_texts(40, seed=11)
+    both = score(model, texts, batch_size=4)
+    assert runs and sum(runs) >= len(texts) // 4
+    before = len(runs)
+    score(model, texts[:12], batch_size=4, with_rank=True)
+    assert len(runs) == before  # no run for the ranks
+    monkeypatch.setattr(threads, "batches_pay", lambda n, backend: False)
+    one = score(model, texts, batch_size=4)
+    assert [s.log_probs for s in both] == [s.log_probs for s in one]
