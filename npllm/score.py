@@ -588,9 +588,13 @@ def batch_plan(lengths, batch_size):
 def _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy):
     """Forward passes over ``rows`` in the padded batches of :func:`batch_plan`; results per
     row, in order. When only log-probabilities are asked for, the forward pass returns them
-    directly (``targets=``) and the [B, T, V] logits are never formed; the batches then run two
-    at a time on the Numba backend (:func:`npllm.model.threads.map_on_two_threads`: between
-    BLAS's products, the rest of a forward pass would use one core).
+    directly (``targets=``) and the [B, T, V] logits are never formed.
+
+    On the Numba backend the batches run two at a time
+    (:func:`npllm.model.threads.map_on_two_threads`: between BLAS's products, the rest of a
+    forward pass would use one core). With logits, only when two batches' logits together fit
+    in ``MAX_BATCH_TOKENS`` positions, the most that one batch may hold: the peak memory stays
+    within that bound.
     """
     from npllm.backend import backend_name
     from npllm.equations import greedy, log_softmax, token_log_probs
@@ -630,8 +634,9 @@ def _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy):
         return out
 
     plan = batch_plan([len(row.ids) for row in rows], batch_size)
-    # Not with logits: two batches' [B, T, V] logits at once would double the peak memory.
-    if not need_logits and threads.batches_pay(len(plan), backend_name(getattr(model, "backend", None))):
+    fits = not need_logits or 2 * max((len(b) * len(rows[b[0]].ids) for b in plan),
+                                      default=0) <= MAX_BATCH_TOKENS
+    if fits and threads.batches_pay(len(plan), backend_name(getattr(model, "backend", None))):
         done = threads.map_on_two_threads(run, plan)
     else:
         done = [run(which) for which in plan]

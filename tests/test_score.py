@@ -8,6 +8,7 @@ implementations summing in different orders); batching and windows compare npllm
 import json
 import math
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -490,7 +491,8 @@ def test_batches_two_at_a_time_give_the_numbers_of_one_after_another(tiny, monke
     (npllm.model.threads.map_on_two_threads). Each batch is the same forward pass on either
     thread (BLAS on one thread in both, in this session), so every text gets bit for bit the
     numbers of batches run one after another: a result put in another text's place would
-    differ. With logits asked for (ranks), batches run one after another."""
+    differ. With logits asked for (ranks), only batches whose logits fit twice in
+    MAX_BATCH_TOKENS positions run two at a time."""
     from npllm.model import threads
 
     model, _ = tiny
@@ -501,11 +503,21 @@ def test_batches_two_at_a_time_give_the_numbers_of_one_after_another(tiny, monke
     monkeypatch.setattr(threads, "map_on_two_threads",
                         lambda fn, items: runs.append(len(items)) or real(fn, items))
     texts = corpus_texts(40, seed=11)
-    both = score(model, texts, batch_size=4)
-    assert runs and sum(runs) >= len(texts) // 4
-    before = len(runs)
-    score(model, texts[:12], batch_size=4, with_rank=True)
-    assert len(runs) == before  # no run for the ranks
-    monkeypatch.setattr(threads, "batches_pay", lambda n, backend: False)
-    one = score(model, texts, batch_size=4)
-    assert [s.log_probs for s in both] == [s.log_probs for s in one]
+
+    def both_ways(**kwargs):
+        with monkeypatch.context() as one_at_a_time:
+            one_at_a_time.setattr(threads, "batches_pay", lambda n, backend: False)
+            one = score(model, texts, batch_size=4, **kwargs)
+        before = len(runs)
+        two = score(model, texts, batch_size=4, **kwargs)
+        assert [s.log_probs for s in two] == [s.log_probs for s in one]
+        assert [s.ranks for s in two] == [s.ranks for s in one]
+        return len(runs) - before
+
+    assert both_ways() >= 2
+    assert both_ways(with_rank=True) >= 2
+    longest = max(s.n_tokens for s in score(model, texts)) + 1  # + the BOS
+    # The longest row alone no longer fits twice:
+    monkeypatch.setattr(sys.modules["npllm.score"], "MAX_BATCH_TOKENS", 2 * longest - 1)
+    assert both_ways(with_rank=True) == 0
+    assert both_ways() >= 2  # log-probabilities alone hold no logits
