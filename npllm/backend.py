@@ -67,9 +67,15 @@ BLAS_SPIN_SECONDS = 0.12
 _blas = {"last": -math.inf}
 
 
-def note_blas_products():
-    """Record that BLAS products (with its thread pool) ran just now."""
-    _blas["last"] = time.monotonic()
+def note_blas_products(when=None):
+    """Record that BLAS products (with its thread pool) ran just now, or at ``when`` (a time
+    :func:`blas_products_noted` gave)."""
+    _blas["last"] = time.monotonic() if when is None else when
+
+
+def blas_products_noted():
+    """When BLAS products were last noted (``time.monotonic()``; -inf if never)."""
+    return _blas["last"]
 
 
 def blas_threads_spinning():

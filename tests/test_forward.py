@@ -267,9 +267,9 @@ def two_threads(monkeypatch):
     splits = []
     real = threads.forward_on_two_threads
 
-    def counting(run, config, ids, targets=None):
+    def counting(run, config, ids, *args, **kwargs):
         splits.append(ids.shape)
-        return real(run, config, ids, targets)
+        return real(run, config, ids, *args, **kwargs)
     monkeypatch.setattr(threads, "forward_on_two_threads", counting)
     return splits
 
@@ -326,19 +326,54 @@ def test_two_threads_catch_a_wrong_handoff(tiny, two_threads, monkeypatch):
 
 
 def test_two_threads_only_where_they_pay(tiny, two_threads):
-    """Batches, padding masks, caches, traces, kept logits and the NumPy backend: one pass."""
+    """Batches, padding masks, traces, log-probabilities of kept positions, decoding steps and
+    the NumPy backend: one pass."""
     from npllm.trace import Trace
 
     model, _ = tiny
     ids = np.arange(20) + 3
     model(np.stack([ids, ids]), backend="numba")
     model(ids[None], attention_mask=np.ones((1, 20), int), backend="numba")
-    model(ids, cache=model.new_cache(), backend="numba")
-    model(ids, logits_to_keep=1, backend="numba")
+    model(ids, logits_to_keep=2, targets=ids[-2:], backend="numba")
     model(ids, backend="numpy")
     model(ids, trace=Trace(), backend="numba")
     model(ids[:7], backend="numba")  # below MIN_TOKENS
+    cache = model.new_cache()
+    model(ids[:7], cache=cache, backend="numba")
+    model(ids[7:8], cache=cache, backend="numba")
     assert two_threads == []
+
+
+def test_two_threads_continue_a_cache(tiny, two_threads):
+    """A long prompt with a KV cache (before generating) is split too: both parts write into
+    the caller's cache (made room for), whose keys, values and length are then those of one
+    pass, as are the kept logits (the second part's only, or both parts') and the decoding
+    step after it; also after positions already cached."""
+    from npllm.model import threads
+
+    model, _ = tiny
+    ids = np.random.default_rng(7).integers(0, model.config.vocab_size, size=50)
+
+    def prompt_then_step():
+        cache = model.new_cache(capacity=4)
+        out = [model(ids[:5], cache=cache, backend="numba"),  # below MIN_TOKENS: one pass
+               model(ids[5:40], cache=cache, logits_to_keep=3, backend="numba"),  # 3 of 16
+               model(ids[40:49], cache=cache, logits_to_keep=6, backend="numba"),  # 2 + 4
+               model(ids[49:], cache=cache, backend="numba")]  # a decoding step
+        return out, cache
+
+    split, split_cache = prompt_then_step()
+    assert two_threads == [(1, 35), (1, 9)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(threads, "MIN_TOKENS", 10**9)
+        one, one_cache = prompt_then_step()
+    assert len(two_threads) == 2
+    assert split_cache.length == one_cache.length == 50
+    for a, b in zip(split, one):  # this file's tolerance (see the test above)
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    for a, b in zip(split_cache.keys + split_cache.values, one_cache.keys + one_cache.values):
+        np.testing.assert_allclose(a[:, :, :50], b[:, :, :50], atol=1e-4, rtol=0)
 
 
 def test_two_threads_pass_on_an_error_without_hanging(tiny, two_threads, monkeypatch):
@@ -430,3 +465,17 @@ def test_map_on_two_threads_stops_at_an_error():
         threads.map_on_two_threads(fails_at_3, range(100))
     assert 3 in started and len(started) <= 6
     assert threads.map_on_two_threads(lambda x: -x, range(3)) == [0, -1, -2]
+
+
+def test_a_split_leaves_no_blas_spin_window(tiny, two_threads):
+    """A split's products run with BLAS on one thread, so no BLAS thread spins after it: the
+    decoding steps that follow need not run on one thread (blas_threads_spinning stays as it
+    was), while a pass with BLAS on its threads is noted."""
+    from npllm import backend
+
+    model, _ = tiny
+    backend.note_blas_products(-np.inf)  # nothing noted yet
+    model(np.arange(20) + 3, cache=model.new_cache(), backend="numba")
+    assert len(two_threads) == 1 and not backend.blas_threads_spinning()
+    model(np.arange(5) + 3, backend="numba")  # one pass
+    assert backend.blas_threads_spinning()

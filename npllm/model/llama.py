@@ -299,13 +299,14 @@ def forward(weights, config, input_ids, cache=None, attention_mask=None, backend
                              f"{targets.shape}")
         if targets.size and (targets.min() < 0 or targets.max() >= config.vocab_size):
             raise ValueError(f"targets must lie in [0, {config.vocab_size})")
-    if (be.name == "numba" and cache is None and attention_mask is None and trace is None
-            and logits_to_keep is None):
+    if (be.name == "numba" and attention_mask is None and trace is None
+            and (targets is None or logits_to_keep is None)):
         from npllm.model import threads
         if threads.pays(B, T):  # a long sequence: both cores on every step, see there
             run = partial(forward, weights, config, backend=be.name, packed=packed)
             out = threads.forward_on_two_threads(
-                run, config, ids, None if targets is None else targets.reshape(B, T))
+                run, config, ids, None if targets is None else targets.reshape(B, T),
+                cache=cache, logits_to_keep=logits_to_keep)
             return out[0] if single else out
     past = cache.length if cache is not None else 0
     positions, mask = positions_and_mask(B, T, past, attention_mask)
