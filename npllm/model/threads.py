@@ -38,6 +38,7 @@ s one after another (default model, 2 cores).
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -71,6 +72,7 @@ def blas_threads():
 
 
 def _in_a_run():
+    """Whether this thread is one of a two-thread run's."""
     return getattr(_inside, "run", False)
 
 
@@ -79,6 +81,20 @@ def _worker():
     if "worker" not in _made:
         _made["worker"] = ThreadPoolExecutor(1, thread_name_prefix="npllm-forward")
     return _made["worker"]
+
+
+@contextmanager
+def _blas_on_one_thread():
+    """For a run on two threads: BLAS on one thread meanwhile (its count is the process's, so
+    one such run at a time). Its products then wake no BLAS thread, so afterwards they are not
+    noted as leaving threads spinning (:func:`npllm.backend.blas_threads_spinning`): decoding
+    steps that follow use every core at once."""
+    with _one_at_a_time, _controller().limit(limits=1):
+        noted = blas_products_noted()
+        try:
+            yield
+        finally:
+            note_blas_products(noted)
 
 
 def pays(B, T):
@@ -121,7 +137,7 @@ def map_on_two_threads(fn, items):
         finally:
             _inside.run = False
 
-    with _one_at_a_time, _controller().limit(limits=1):
+    with _blas_on_one_thread():
         other = _worker().submit(drain)
         try:
             drain()
@@ -219,14 +235,10 @@ def forward_on_two_threads(run, config, ids, targets=None, cache=None, logits_to
             if not cache.waits:
                 cache.release()
 
-    with _one_at_a_time, _controller().limit(limits=1):
-        noted = blas_products_noted()
+    with _blas_on_one_thread():
         other = _worker().submit(part, slice(h, T), second, keep[1])
         mine = part(slice(0, h), first, keep[0])
         theirs = other.result()
-        # The parts' products ran with BLAS on one thread: none of its threads was woken to
-        # spin afterwards, and the decoding steps that may follow need not wait for them.
-        note_blas_products(noted)
     if cache is not None:
         cache.length += T
     return theirs if kept <= T - h else np.concatenate([mine, theirs], axis=1)
