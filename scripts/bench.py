@@ -117,6 +117,26 @@ def rss_peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def resident_by_kind(model_folder):
+    """This process's resident MiB now, by what the pages hold (``/proc/self/smaps``): the
+    model's memory-mapped files, LLVM's code (``libllvmlite.so``, which Numba loads), other
+    libraries and files, and anonymous memory (heap, activations, Python objects)."""
+    kinds = dict.fromkeys(("weights", "llvmlite", "libraries", "anonymous"), 0.0)
+    folder = os.path.realpath(model_folder)
+    kind = "anonymous"
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                path = head[5].strip() if len(head) > 5 else ""
+                kind = ("anonymous" if not path.startswith("/") else
+                        "weights" if os.path.realpath(path).startswith(folder) else
+                        "llvmlite" if "libllvmlite" in path else "libraries")
+            elif head[0] == "Rss:":
+                kinds[kind] += int(head[1]) / 1024
+    return kinds
+
+
 # -- the workers ------------------------------------------------------------------------------
 
 class NpllmWorker:
@@ -320,14 +340,15 @@ model = npllm.load(sys.argv[1])
 loaded = time.perf_counter()
 rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 sys.path.insert(0, sys.argv[3])
-from bench import TEXT_TOKENS, log_probs_npllm
+from bench import TEXT_TOKENS, log_probs_npllm, resident_by_kind
 from npllm.score import resolve_bos
 ids = np.asarray(([resolve_bos(model).id] + model.tokenizer.encode(sys.argv[2]))[:TEXT_TOKENS])
 lp = log_probs_npllm(model, ids)
 done = time.perf_counter()
 print(json.dumps({"import_s": imported - start, "load_s": loaded - imported,
                   "first_score_s": done - loaded, "rss_after_load_mib": rss_loaded,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "resident_at_end_mib": resident_by_kind(sys.argv[1])}))
 """
 
 COMPILE_PROBE = r"""
@@ -560,6 +581,12 @@ def summarise(args, info, res, memory, cold, warm, workers, load_before, load_af
         None, "<= 1.3x weights", note=f"float32 weights {weight_mib:.0f} MiB -> "
                                       f"{memory['peak_rss_mib'] / weight_mib:.2f}x")
     rows[-1]["fraction_of_weights"] = memory["peak_rss_mib"] / weight_mib
+    end = memory["resident_at_end_mib"]
+    for kind, name in (("weights", "the memory-mapped weights"),
+                       ("llvmlite", "LLVM's code (libllvmlite.so, loaded by Numba)"),
+                       ("libraries", "other libraries and files"),
+                       ("anonymous", "anonymous: heap, activations, Python objects")):
+        row(f"  resident at the end: {name}", "MiB", end[kind])
     row("load from the cache folder (npllm.load)", "s", memory["load_s"], None, "< 1 s",
         note=f"import npllm {memory['import_s']:.2f} s")
     row("Numba compile (empty cache), first calls", "s", cold["first_s"] - cold["warm_s"],

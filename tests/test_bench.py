@@ -27,7 +27,14 @@ def test_bench_smoke_runs_and_both_sides_agree(tmp_path):
     for name in ("score 512 tokens", "decode 4 tokens, KV cache", "decode 4 tokens, no cache",
                  "score 16 sentences, batches of 16"):
         assert rows[name]["npllm"] > 0 and rows[name]["ratio"] > 0, name
-    assert 0 < rows["peak RSS: load + score 512 tokens (fresh process)"]["fraction_of_weights"]
+    peak = rows["peak RSS: load + score 512 tokens (fresh process)"]
+    assert 0 < peak["fraction_of_weights"]
+    # Scoring reads every weight (the LM head is the whole embedding matrix), so all of the
+    # memory-mapped float32 weights are resident, and the parts cannot exceed the peak.
+    parts = [r["npllm"] for name, r in rows.items() if name.startswith("resident at the end")]
+    weights = rows["resident at the end: the memory-mapped weights"]["npllm"]
+    assert len(parts) == 4 and weights >= 0.99 * peak["npllm"] / peak["fraction_of_weights"]
+    assert sum(parts) <= peak["npllm"] * 1.001
     assert "score 512 tokens" in run.stdout  # the table
     checks = report["checks"]
     assert checks["decode_same_tokens"] == {"cache": True, "no_cache": True}
