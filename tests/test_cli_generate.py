@@ -160,6 +160,19 @@ def test_chat_from_a_pipe_one_message_per_line(capsys, monkeypatch, tiny):
     from npllm.generate import chat_prompt_ids
     fresh = chat_prompt_ids(npllm.load(tiny, backend="numpy"), "What is the capital of France?")
     assert turns[2]["prompt_tokens"] == len(fresh) and "(conversation reset)" in err
+    # Turn 2 starts from turn 1's KV cache (at least its prompt); /reset forgets it.
+    assert turns[0]["reused_prompt_tokens"] == 0 == turns[2]["reused_prompt_tokens"]
+    assert turns[1]["reused_prompt_tokens"] >= turns[0]["prompt_tokens"]
+
+
+def test_chat_without_the_cache(capsys, monkeypatch, tiny):
+    """--no-cache: every turn recomputes its whole prompt, and says so."""
+    status, out, err = run_cli(capsys, "chat", "-m", tiny, "--backend", "numpy", "-n", 4,
+                               "--no-cache", "--json", stdin="Hello!\nAnd again?\n",
+                               monkeypatch=monkeypatch)
+    assert status == 0, err
+    turns = [json.loads(line) for line in out.splitlines()]
+    assert len(turns) == 2 and [t["reused_prompt_tokens"] for t in turns] == [0, 0]
 
 
 def test_chat_plain_output_and_unknown_command(capsys, monkeypatch, tiny):

@@ -306,6 +306,95 @@ def test_chat_prompt_is_the_chat_template_with_the_generation_prompt(tiny):
 
 
 # ---------------------------------------------------------------------------------------------
+# cache_from: the next turn starts from the KV cache of the last one
+
+# A probability moves by at most 2 max|delta logit| (softmax), and the copied keys and values were
+# computed one decoding step at a time (matrix-vector products) instead of in one pass over the
+# prompt: the same float32 equations in another order of summation, ~1e-6 on these logits.
+PROB_ATOL = 1e-5
+
+
+@pytest.fixture
+def fed(monkeypatch, tiny):
+    """The lengths of the id sequences each call of the model is given."""
+    lengths, call = [], type(tiny).__call__
+
+    def counting(model, ids, *args, **kwargs):
+        lengths.append(np.asarray(ids).shape[-1])
+        return call(model, ids, *args, **kwargs)
+    monkeypatch.setattr(type(tiny), "__call__", counting)
+    return lengths
+
+
+def assert_same_generation(a, b):
+    assert a.ids == b.ids and a.text == b.text
+    np.testing.assert_allclose([s.prob for s in a.steps], [s.prob for s in b.steps],
+                               rtol=0, atol=PROB_ATOL)
+
+
+def test_cache_from_runs_only_what_the_cache_has_not_seen(tiny, fed):
+    first = generate(tiny, PROMPT, 12, ignore_eos=True)
+    held = first.cached_ids
+    assert held == (first.prompt_ids + first.ids)[:-1] and len(held) == first.cache.length
+    keys = first.cache.keys[0].copy()
+    prompt = first.prompt_ids + first.ids + tiny.tokenizer.encode(" jumps over",
+                                                                  add_special_tokens=False)
+    fresh = generate(tiny, prompt, 20, ignore_eos=True, record_steps=True)
+    fed.clear()
+    reused = generate(tiny, prompt, 20, ignore_eos=True, record_steps=True, cache_from=first)
+    assert reused.reused_tokens == len(held) and fresh.reused_tokens == 0
+    assert fed == [len(prompt) - len(held)] + [1] * 19  # the unseen tail, then a token a step
+    assert_same_generation(reused, fresh)
+    assert reused.cache.length == len(prompt) + 20 - 1
+    # The earlier generation's cache is copied, not changed: it can start other branches.
+    assert first.cache.length == len(held) and np.array_equal(first.cache.keys[0], keys)
+    again = generate(tiny, prompt, 20, ignore_eos=True, record_steps=True, cache_from=first)
+    assert again.reused_tokens == len(held) and again.ids == reused.ids
+
+
+@pytest.mark.parametrize("prompt_of, reused", [
+    (lambda held: held[:3] + [held[3] % 300 + 5] + held[4:], 3),  # differs at position 3
+    (lambda held: held, "all but the last"),  # the cache holds all of it: its last token is run
+    (lambda held: held[:5], "all but the last"),
+    (lambda held: [held[0] % 300 + 5] + held[1:], 0),
+])
+def test_cache_from_keeps_only_the_common_prefix(tiny, fed, prompt_of, reused):
+    first = generate(tiny, PROMPT, 12, ignore_eos=True)
+    prompt = prompt_of(first.cached_ids)
+    fresh = generate(tiny, prompt, 8, ignore_eos=True, record_steps=True)
+    fed.clear()
+    ours = generate(tiny, prompt, 8, ignore_eos=True, record_steps=True, cache_from=first)
+    reused = len(prompt) - 1 if reused == "all but the last" else reused
+    assert ours.reused_tokens == reused and fed[0] == len(prompt) - reused
+    assert_same_generation(ours, fresh)
+
+
+def test_a_chat_turn_from_the_last_one(tiny):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    first = chat(tiny, messages, 10)
+    messages += [{"role": "assistant", "content": first.text},
+                 {"role": "user", "content": "And of Italy?"}]
+    fresh = chat(tiny, messages, 10, record_steps=True)
+    ours = chat(tiny, messages, 10, record_steps=True, cache_from=first)
+    # At least the first turn's prompt is in the second's (the tiny model's random reply need
+    # not tokenize back to the same ids; the default model's does, see its tests).
+    assert ours.reused_tokens >= len(first.prompt_ids)
+    assert_same_generation(ours, fresh)
+
+
+def test_bad_cache_from(tiny, tiny_tied):
+    first = generate(tiny, PROMPT, 4)
+    with pytest.raises(ValueError, match="use_cache=True"):
+        generate(tiny, PROMPT, 4, use_cache=False, cache_from=first)
+    with pytest.raises(ValueError, match="Generation"):
+        generate(tiny, PROMPT, 4, cache_from=first.cache)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        generate(tiny, PROMPT, 4, cache_from=generate(tiny, PROMPT, 2, use_cache=False))
+    with pytest.raises(ValueError, match="another model"):
+        generate(tiny_tied, PROMPT, 4, cache_from=first)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad arguments: a ValueError naming the argument, before any work
 
 

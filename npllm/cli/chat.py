@@ -60,7 +60,9 @@ def run(args):
         print(f"Chatting with {model.source}. Type a message; /reset starts over, /quit ends.",
               file=sys.stderr)
 
-    history, failed = [], False
+    # The last reply: its KV cache holds the conversation so far, so the next turn runs only
+    # the new message (generate's cache_from).
+    history, last, failed = [], None, False
     for line in read_messages(interactive):
         message = line.strip()
         if not message:
@@ -68,7 +70,7 @@ def run(args):
         if message in ("/quit", "/exit"):
             break
         if message == "/reset":
-            history = []
+            history, last = [], None
             print("(conversation reset)", file=sys.stderr)
             continue
         if message == "/help" or (message.startswith("/") and " " not in message):
@@ -82,7 +84,7 @@ def run(args):
         stream = None if args.json else _print_piece
         try:
             result = chat(model, messages, args.max_new_tokens, system=args.system,
-                          stream=stream, **options)
+                          stream=stream, cache_from=last, **options)
         except ContextLengthError as e:
             print(f"npllm chat: error: {e}. Type /reset to start over.", file=sys.stderr)
             failed = True
@@ -93,10 +95,12 @@ def run(args):
             print("\n(reply interrupted, not kept)", file=sys.stderr)
             continue
         history = messages + [{"role": "assistant", "content": result.text}]
+        last = result if result.cache is not None else None  # None with --no-cache
         if args.json:
             print(json.dumps({"user": message, "reply": result.text,
                               "finish_reason": result.finish_reason, "tokens": len(result.ids),
                               "prompt_tokens": len(result.prompt_ids),
+                              "reused_prompt_tokens": result.reused_tokens,
                               "seconds": result.seconds}, ensure_ascii=False), flush=True)
         else:
             print(flush=True)

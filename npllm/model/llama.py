@@ -100,8 +100,7 @@ class KVCache:
     @classmethod
     def empty(cls, config, batch_size=1, capacity=256):
         shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
-        return cls([np.zeros(shape, np.float32) for _ in range(config.num_hidden_layers)],
-                   [np.zeros(shape, np.float32) for _ in range(config.num_hidden_layers)], 0)
+        return cls._zeros(config.num_hidden_layers, shape)
 
     @property
     def capacity(self):
@@ -126,6 +125,26 @@ class KVCache:
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def prefix(self, n, capacity):
+        """A new cache holding a copy of the first ``n`` positions of this one, with room for
+        ``capacity`` in all: a conversation's next turn starts from the turns before it. This
+        cache is left as it is."""
+        if not 0 <= n <= min(self.length, capacity):
+            raise ValueError(f"a prefix of {n} positions of a cache holding {self.length} "
+                             f"does not fit in a capacity of {capacity}")
+        B, K, _, Dh = self.keys[0].shape
+        copy = KVCache._zeros(len(self.keys), (B, K, capacity, Dh))
+        for mine, its in ((self.keys, copy.keys), (self.values, copy.values)):
+            for old, new in zip(mine, its):
+                new[:, :, :n] = old[:, :, :n]
+        copy.length = n
+        return copy
+
+    @classmethod
+    def _zeros(cls, layers, shape):
+        return cls([np.zeros(shape, np.float32) for _ in range(layers)],
+                   [np.zeros(shape, np.float32) for _ in range(layers)], 0)
 
     def __repr__(self):
         if not self.keys:
