@@ -104,7 +104,7 @@ def test_two_threads_equal_one_pass(default_model, hf_gguf_model, hf_float64, te
     monkeypatch.setattr(threads.HandOffCache, "pair", lambda *a, real=threads.HandOffCache.pair:
                         split.append(a[-1]) or real(*a))
     two = default_model(ids, backend="numba")
-    assert split == [round(threads.SPLIT * len(ids))]
+    assert split == [threads.first_part(default_model.config, len(ids))]
     np.testing.assert_allclose(two, one, atol=2 * float32_error, rtol=0)
 
 

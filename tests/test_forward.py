@@ -9,6 +9,8 @@ or mask changes logits by 1e-2 or more).
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import npllm
 from npllm.model.llama import KVCache
@@ -272,6 +274,34 @@ def two_threads(monkeypatch):
         return real(run, config, ids, *args, **kwargs)
     monkeypatch.setattr(threads, "forward_on_two_threads", counting)
     return splits
+
+
+@given(T=st.integers(2, 8192), past=st.integers(0, 8192),
+       sizes=st.sampled_from([(30, 576, 9, 3, 64, 1536, 49152),   # SmolLM2-135M
+                              (32, 4096, 32, 8, 128, 14336, 128256),  # Llama-3-8B
+                              (2, 16, 4, 2, 4, 40, 384)]))  # a tiny model
+def test_the_split_balances_the_two_threads_work(T, past, sizes):
+    """first_part's h: token t costs 2P + b (past + t) (weights, then attention to the positions
+    before it); no other split point gives two parts of closer cost."""
+    from npllm.model.config import LlamaConfig
+    from npllm.model.threads import ATTENTION_COST, first_part
+
+    L, D, H, K, Dh, F, V = sizes
+    config = LlamaConfig.from_dict(dict(
+        model_type="llama", num_hidden_layers=L, hidden_size=D, num_attention_heads=H,
+        num_key_value_heads=K, head_dim=Dh, intermediate_size=F, vocab_size=V))
+    P = L * (D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F) + V * D
+    b = ATTENTION_COST * 4 * L * H * Dh
+    cost = 2 * P + b * (past + np.arange(T, dtype=np.float64))  # token by token
+    total = cost.sum()
+
+    def imbalance(h):
+        return abs(2 * cost[:h].sum() - total)
+    h = first_part(config, T, past)
+    assert 1 <= h <= T - 1 and h >= T // 2  # later tokens cost more: the first part is larger
+    # The formula integrates a continuous cost, so it may land one token beside the best one.
+    best = min(range(max(1, h - 2), min(T - 1, h + 2) + 1), key=imbalance)
+    assert imbalance(h) <= imbalance(best) + cost[-1]
 
 
 def test_two_threads_give_the_single_pass(tiny, two_threads):
