@@ -122,7 +122,7 @@ def resident_by_kind(model_folder):
     model's memory-mapped files, LLVM's code (``libllvmlite.so``, which Numba loads), other
     libraries and files, and anonymous memory (heap, activations, Python objects)."""
     kinds = dict.fromkeys(("weights", "llvmlite", "libraries", "anonymous"), 0.0)
-    folder = os.path.realpath(model_folder)
+    folder = os.path.join(os.path.realpath(model_folder), "")  # with its trailing separator
     kind = "anonymous"
     with open("/proc/self/smaps", encoding="utf-8") as f:
         for line in f:
