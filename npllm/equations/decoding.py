@@ -41,7 +41,8 @@ def top_k_filter(logits, k, filter_value=-np.inf):
     r"""Keep the k most likely tokens (lecture 003: top-k; HF ``TopKLogitsWarper``).
 
     .. math::
-        \tilde\ell_v = \begin{cases} \ell_v & \ell_v \ge \ell_{(k)} \\ \text{filter\_value} & \text{otherwise} \end{cases}
+        \tilde\ell_v = \begin{cases} \ell_v & \ell_v \ge \ell_{(k)} \\
+                                     \text{filter\_value} & \text{otherwise} \end{cases}
 
     where l_(k) is the k-th largest logit of the row. logits [..., V] -> [..., V]. Tokens tied
     with the k-th largest are all kept, so more than k may survive; k > V keeps everything.
@@ -54,7 +55,8 @@ def top_k_filter(logits, k, filter_value=-np.inf):
 
 
 def top_p_filter(logits, top_p, min_tokens_to_keep=1, filter_value=-np.inf):
-    r"""Nucleus filtering: keep the most likely tokens covering probability top_p (lecture 003; HF ``TopPLogitsWarper``).
+    r"""Nucleus filtering: keep the most likely tokens covering probability top_p (lecture 003;
+    HF ``TopPLogitsWarper``).
 
     .. math::
         \text{remove } v \iff \sum_{v' \preceq v} P(v') \le 1 - p
