@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.npllm-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test docs bench clean
+.PHONY: demo test lint docs bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,16 @@ demo: $(STAMP)
 # HF_HUB_OFFLINE: no test needs the Hub (its paths are tested with fakes); skip the network check.
 # One BLAS / Numba thread per worker: two workers share the two cores, and oversubscribed
 # threads make a forward pass 3-20x slower.
-# The suite runs twice: on the Numba backend (the default) and on the pure NumPy equations
-# (NPLLM_BACKEND=numpy); both must pass the same tests.
+# The suite runs twice: on the Numba engine (the default) and on the reference forward pass as
+# the docs show it (NPLLM_ENGINE=reference); both must pass the same tests.
 TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1
-test: $(STAMP)
-	$(TEST_ENV) NPLLM_BACKEND=numba $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
-	$(TEST_ENV) NPLLM_BACKEND=numpy $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+test: lint
+	$(TEST_ENV) NPLLM_ENGINE=numba $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(TEST_ENV) NPLLM_ENGINE=reference $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# ruff's rules and exceptions are in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 docs: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mkdocs build --strict

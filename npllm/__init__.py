@@ -10,7 +10,9 @@ Notation used for array shapes throughout the package (docstrings and comments):
     F   MLP (intermediate) width        L   number of decoder layers
 
 All computation is float32. ``npllm.equations`` holds the readable NumPy functions,
-``npllm.kernels`` their Numba twins; ``npllm.backend`` chooses between them.
+``npllm.model.llama`` composes them into the forward pass (the reference, for reading),
+``npllm.kernels`` holds their Numba twins and ``npllm.engine`` runs the forward pass fast,
+tested equal to the reference.
 """
 __version__ = "0.1.0"
 

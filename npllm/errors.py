@@ -28,3 +28,8 @@ class WeightsError(NpllmError):
 
 class ModelNotFoundError(NpllmError):
     """A model name could not be resolved to a local folder (local path, GGUF file or Hub id)."""
+
+
+class InputError(NpllmError, ValueError):
+    """The arguments of a call do not fit the model: token ids out of the vocabulary, more
+    positions than its context, a mask or targets of the wrong shape."""

@@ -301,7 +301,7 @@ class TextTracker:
 def generate_stream(model, prompt, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, *, temperature=None,
                     top_k=None, top_p=None, do_sample=None, seed=None, use_cache=True, stop=(),
                     ignore_eos=False, truncate=False, record_steps=False, n_candidates=5,
-                    backend=None, cache_from=None):
+                    cache_from=None):
     """Like :func:`generate`, but returns a :class:`Stream`: iterate over it for the text pieces
     as they are generated; its ``result`` is the :class:`Generation` once the loop has ended.
     Arguments are checked at once, before the first token."""
@@ -313,7 +313,7 @@ def generate_stream(model, prompt, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, *, tem
     prompt_ids = prompt_token_ids(model, prompt, max_new_tokens, truncate)
     check_cache_from(model, cache_from, use_cache)
     return Stream(_loop(model, prompt_ids, max_new_tokens, settings, seed, use_cache, stop,
-                        ignore_eos, record_steps, n_candidates, backend, cache_from))
+                        ignore_eos, record_steps, n_candidates, cache_from))
 
 
 def check_cache_from(model, cache_from, use_cache):
@@ -355,7 +355,7 @@ def start_cache(model, prompt_ids, max_new_tokens, cache_from=None):
 
 
 def _loop(model, prompt_ids, max_new_tokens, settings, seed, use_cache, stop, ignore_eos,
-          record_steps, n_candidates, backend, cache_from=None):
+          record_steps, n_candidates, cache_from=None):
     do_sample, temperature, top_k, top_p = settings
     rng = np.random.default_rng(seed)
     decode = model.tokenizer.decode if model.tokenizer is not None else (lambda ids: "")
@@ -369,7 +369,7 @@ def _loop(model, prompt_ids, max_new_tokens, settings, seed, use_cache, stop, ig
     for _ in range(max_new_tokens):
         # With the cache, feed only what the cache has not seen (the prompt, then one token);
         # without it, the whole prefix again. Only the last position's logits are needed.
-        logits = model(np.asarray(feed if use_cache else ids), cache=cache, backend=backend,
+        logits = model(np.asarray(feed if use_cache else ids), cache=cache,
                        logits_to_keep=1)[-1]
         token, filtered = next_token(logits, rng, do_sample, temperature, top_k, top_p)
         if not new_ids:
@@ -402,7 +402,7 @@ def _loop(model, prompt_ids, max_new_tokens, settings, seed, use_cache, stop, ig
 def generate(model, prompt, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, *, temperature=None,
              top_k=None, top_p=None, do_sample=None, seed=None, use_cache=True, stop=(),
              ignore_eos=False, truncate=False, record_steps=False, n_candidates=5, stream=None,
-             backend=None, cache_from=None):
+             cache_from=None):
     """Generate up to ``max_new_tokens`` tokens after ``prompt``; a :class:`Generation` back.
 
     - ``prompt``: text (encoded with the tokenizer) or token ids.
@@ -430,7 +430,7 @@ def generate(model, prompt, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, *, temperatur
                              top_k=top_k, top_p=top_p, do_sample=do_sample, seed=seed,
                              use_cache=use_cache, stop=stop, ignore_eos=ignore_eos,
                              truncate=truncate, record_steps=record_steps,
-                             n_candidates=n_candidates, backend=backend, cache_from=cache_from)
+                             n_candidates=n_candidates, cache_from=cache_from)
     for piece in pieces:
         if stream is not None:
             stream(piece)

@@ -547,7 +547,7 @@ class PositionalEncodings:
                 f"{self.rope_angles.shape[1]}] (theta={self.theta:g})\n"
                 f"similarity to position 0, sinusoidal: "
                 + " ".join(f"{s:.2f}" for s in self.sinusoidal_similarity[:8]) + " ...\n"
-                f"similarity at offset p, RoPE:         "
+                "similarity at offset p, RoPE:         "
                 + " ".join(f"{s:.2f}" for s in self.rope_similarity[:8]) + " ...")
 
 

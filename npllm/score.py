@@ -590,15 +590,11 @@ def _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy):
     row, in order. When only log-probabilities are asked for, the forward pass returns them
     directly (``targets=``) and the [B, T, V] logits are never formed.
 
-    On the Numba backend the batches run two at a time
-    (:func:`npllm.model.threads.map_on_two_threads`: between BLAS's products, the rest of a
-    forward pass would use one core). With logits, only when two batches' logits together fit
-    in ``MAX_BATCH_TOKENS`` positions, the most that one batch may hold: the peak memory stays
-    within that bound.
+    The engine may run several batches at once (``model.engine.map``: the Numba engine runs one
+    per core). With logits, only as many as fit in ``MAX_BATCH_TOKENS`` positions together, the
+    most that one batch may hold: the peak memory stays within that bound.
     """
-    from npllm.backend import backend_name
     from npllm.equations import greedy, log_softmax, token_log_probs
-    from npllm.model import threads
 
     need_logits = with_rank or with_entropy or with_greedy
 
@@ -634,12 +630,8 @@ def _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy):
         return out
 
     plan = batch_plan([len(row.ids) for row in rows], batch_size)
-    fits = not need_logits or 2 * max((len(b) * len(rows[b[0]].ids) for b in plan),
-                                      default=0) <= MAX_BATCH_TOKENS
-    if fits and threads.batches_pay(len(plan), backend_name(getattr(model, "backend", None))):
-        done = threads.map_on_two_threads(run, plan)
-    else:
-        done = [run(which) for which in plan]
+    largest = max((len(b) * len(rows[b[0]].ids) for b in plan), default=1)
+    done = model.engine.map(run, plan, MAX_BATCH_TOKENS // largest if need_logits else None)
     out = [None] * len(rows)
     for which, results in zip(plan, done):
         for r, res in zip(which, results):

@@ -19,6 +19,7 @@ key positions: T, plus what a KV cache already held.
 
 | name | shape | what it is |
 |---|---|---|
+| ``mask`` | [B, 1, T, S] | the additive attention mask M: 0 where a query may look, else float32's minimum |
 | ``embeddings`` | [B, T, D] | rows of ``embed_tokens`` for the input ids |
 | ``layers.{i}.attn_norm`` | [B, T, D] | the layer's input after ``input_layernorm`` (RMSNorm) |
 | ``layers.{i}.q`` | [B, H, T, Dh] | queries ``x W_q^T`` split into heads, before RoPE |
@@ -50,9 +51,14 @@ Grouped-query attention: K/V head g serves the query heads g G, ..., g G + G - 1
 ``layers.0.output``, ..., ``layers.{L-2}.output`` and ``norm``; its ``attentions``
 (``output_attentions=True``, eager attention) are the ``layers.{i}.pattern``.
 
-Each name is computed or copied only when a pattern asks for it: an untraced forward pass
-(``trace=None``) does no extra work at all. A trace holds the arrays of the last forward pass it
-was given (a second pass, e.g. the next decoding step, replaces them).
+How it works: the forward pass calls a callback, ``trace(name, value)``, with each array it
+computes, under the names above (llama.cpp's ``cb(cur, "attn_norm", il)``); nobody listens
+unless a :class:`Trace` is given (:func:`no_trace`). What the forward pass computes inside one
+equation (``scores`` and ``pattern`` inside attention, ``gate``, ``up``, ``act`` and ``hidden``
+inside the SwiGLU MLP) is computed here, with the readable equations, from the arrays it was
+given and the model's weights, and only when a pattern asks for it. Each name is copied only
+when a pattern asks for it. A trace holds the arrays of the last forward pass it was given (a
+second pass, e.g. the next decoding step, replaces them).
 """
 import fnmatch
 import re
@@ -61,6 +67,7 @@ import numpy as np
 
 # name template -> (shape, meaning). The order is the order of the forward pass.
 NAMES = {
+    "mask": ("[B, 1, T, S]", "the additive attention mask M (0 or float32's minimum)"),
     "embeddings": ("[B, T, D]", "rows of embed_tokens for the input ids"),
     "layers.{i}.attn_norm": ("[B, T, D]", "the layer's input after input_layernorm (RMSNorm)"),
     "layers.{i}.q": ("[B, H, T, Dh]", "queries split into heads, before RoPE"),
@@ -91,6 +98,10 @@ def kv_head(h, n_heads, n_kv_heads):
     return h // (n_heads // n_kv_heads)
 
 
+def no_trace(name, value):
+    """The trace callback when nobody listens: the forward pass calls it, nothing happens."""
+
+
 def names(n_layers):
     """Every name a forward pass through ``n_layers`` layers can keep, in forward order."""
     out = []
@@ -116,7 +127,7 @@ def _forward_order(name):
     index = _TEMPLATE_INDEX[_template_of(name)]
     if layer:
         return (1, int(layer.group(1)), index)
-    return (0 if name == "embeddings" else 2, 0, index)
+    return (0 if name in ("mask", "embeddings") else 2, 0, index)
 
 
 class Trace:
@@ -153,44 +164,43 @@ class Trace:
             wanted = self._wanted[name] = any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
         return wanted
 
-    def keep(self, name, value):
-        """Keep a copy of ``value`` under ``name`` if a pattern asks for it.
+    def listener(self, weights):
+        """The callback a forward pass calls, ``listen(name, value)``, for the model with
+        ``weights`` (HF names: the MLP's inner arrays are computed from them). It starts a new
+        pass: what the trace kept before is dropped. ``value`` may be a callable, called (to
+        compute the array) only when wanted."""
+        from npllm.equations import attention_pattern, repeat_kv, silu
 
-        ``value`` may be a callable, which is called (to compute the array) only when wanted.
-        Called by :func:`npllm.model.llama.forward`.
-        """
+        self.arrays = {}
+        seen = {}  # the mask and the last layer's queries: what scores and pattern need
+
+        def listen(name, value):
+            self._keep(name, value)
+            layer, _, what = name.rpartition(".")
+            if what in ("mask", "q_rope"):
+                seen[what] = value
+            elif what == "k_rope":
+                q, k = seen["q_rope"], value
+                group = q.shape[1] // k.shape[1]
+                self._keep(layer + ".scores", lambda: (q @ np.swapaxes(repeat_kv(k, group), -1, -2))
+                           * q.shape[-1] ** -0.5)
+                self._keep(layer + ".pattern",
+                           lambda: attention_pattern(q, repeat_kv(k, group), seen["mask"]))
+            elif what == "mlp_norm":
+                def project(kind):
+                    return value @ weights[f"model.{layer}.mlp.{kind}_proj.weight"].T
+                self._keep(layer + ".gate", lambda: project("gate"))
+                self._keep(layer + ".up", lambda: project("up"))
+                self._keep(layer + ".act", lambda: silu(project("gate")))
+                self._keep(layer + ".hidden", lambda: silu(project("gate")) * project("up"))
+        return listen
+
+    def _keep(self, name, value):
+        """Keep a copy of ``value`` (or of ``value()``) under ``name`` if a pattern asks for it."""
         assert _template_of(name) in NAMES, f"undocumented trace name {name!r}"
         if self.wants(name):
             value = value() if callable(value) else value
             self.arrays[name] = np.array(value, dtype=np.float32, copy=True)
-
-    def attention(self, layer, q, k, v, mask):
-        """Keep what one attention block computes, from its inputs.
-
-        q [B, H, T, Dh] after RoPE, k, v [B, K, S, Dh] (cached positions included, k after
-        RoPE), mask [B, 1, T, S] additive. ``scores`` and ``pattern`` are computed here, with
-        the readable equations, and only when asked for; query head h reads K/V head
-        ``kv_head(h, H, K)``.
-        """
-        from npllm.equations import attention_pattern, repeat_kv
-
-        p = f"layers.{layer}."
-        self.keep(p + "q_rope", q)
-        self.keep(p + "k_rope", k)
-        group = q.shape[1] // k.shape[1]
-        self.keep(p + "scores", lambda: (q @ np.swapaxes(repeat_kv(k, group), -1, -2))
-                  * q.shape[-1] ** -0.5)
-        self.keep(p + "pattern", lambda: attention_pattern(q, repeat_kv(k, group), mask))
-
-    def mlp(self, layer, gate, up):
-        """Keep the MLP's gate and up projections and, when asked, silu(gate) and silu(gate) * up."""
-        from npllm.equations import silu
-
-        p = f"layers.{layer}."
-        self.keep(p + "gate", gate)
-        self.keep(p + "up", up)
-        self.keep(p + "act", lambda: silu(gate))
-        self.keep(p + "hidden", lambda: silu(gate) * up)
 
     def __getitem__(self, name):
         try:

@@ -66,12 +66,13 @@ def main():
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backend", choices=["numba", "numpy"], default=None)
+    parser.add_argument("--engine", "--backend", dest="engine", default=None,
+                        choices=["numba", "reference", "numpy"])
     parser.add_argument("--transformers", action="store_true",
                         help="also time transformers' generate on the same GGUF")
     args = parser.parse_args()
 
-    model = npllm.load(args.model, backend=args.backend)
+    model = npllm.load(args.model, engine=args.engine)
     ids = model.tokenizer.encode(args.prompt, add_special_tokens=True)
     print(f"model: {model.source}")
     print(f"prompt: {len(ids)} tokens; generating {args.new_tokens} tokens, greedy; "

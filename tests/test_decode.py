@@ -9,8 +9,8 @@ one compiled call, from packed weights.
 2. The forward pass uses it when decoding from packed weights whose q, k, v (and gate, up) lie
    one after another, and gives the logits of the composed step.
 
-The kernel is called explicitly and the forward pass with ``backend="numba"``, so this file
-means the same under NPLLM_BACKEND=numpy.
+The kernel is called explicitly and the forward pass on a Numba engine, so this file means the
+same under NPLLM_ENGINE=reference.
 """
 from unittest import mock
 
@@ -20,11 +20,12 @@ from hypothesis import given, strategies as st
 
 import npllm
 import npllm.equations as E
-import npllm.model.llama as llama
+from npllm.engine import NumbaEngine
+from npllm.engine.packed import PackedWeight
 from npllm.kernels import decode as DK
 from npllm.kernels.quantized import BLOCK_BYTES, KINDS
-from npllm.model.weights import PackedWeight
-from test_quantized import decode, reference, tiny_packed  # noqa: F401 (a fixture)
+from npllm.model import Model
+from test_quantized import decode, reference, tiny_packed, with_packed  # noqa: F401 (a fixture)
 
 U = np.finfo(np.float32).eps / 2  # float32 unit roundoff
 
@@ -155,9 +156,8 @@ def tiny_fusable(tiny_packed):
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
-    from npllm.model import Model
-    model = npllm.load(tiny_packed, backend="numba")
-    weights, packed = dict(model.weights), dict(model.packed)
+    model = npllm.load(tiny_packed, engine="numba")
+    weights, packed = dict(model.weights), dict(model.engine.packed)
     for i in range(model.config.num_hidden_layers):
         p = f"model.layers.{i}."
         for group in ([p + f"self_attn.{n}_proj.weight" for n in "qkv"], [p + "self_attn.o_proj.weight"],
@@ -169,7 +169,8 @@ def tiny_fusable(tiny_packed):
                 packed[n] = PackedWeight(whole[rows], "Q8_0")
                 weights[n] = reference(whole[rows], "Q8_0")
                 start = rows.stop
-    return Model(model.config, weights, model.tokenizer, packed=packed, backend="numba")
+    return Model(model.config, weights, model.tokenizer,
+                 engine=NumbaEngine(model.config, weights, packed))
 
 
 def test_forward_decodes_with_the_fused_layer(tiny_fusable):
@@ -184,9 +185,13 @@ def test_forward_decodes_with_the_fused_layer(tiny_fusable):
         fused = decode(tiny_fusable, ids)
     layers = tiny_fusable.config.num_hidden_layers
     assert calls == [p for p in range(4, len(ids)) for _ in range(layers)]
-    with mock.patch.object(llama, "fused_decode_weights", lambda *a: None):
-        composed = decode(tiny_fusable, ids)
-    plain = decode(tiny_fusable, ids, packed=False)
+    assert tiny_fusable.engine.fused is not None
+    composing = with_packed(tiny_fusable, tiny_fusable.engine.packed)
+    composing.engine.fused = None  # the same matrices, each step composed from the kernels
+    with mock.patch.object(DK, "decode_layer", counting):
+        composed = decode(composing, ids)
+    assert len(calls) == (len(ids) - 4) * layers
+    plain = decode(with_packed(tiny_fusable, {}), ids)
     # Float32 throughout a 2-layer model of width 64 with logits ~1: a few ulps apart (as
     # test_quantized.py::test_tiny_decoding_uses_the_packed_weights).
     np.testing.assert_allclose(fused, composed, atol=1e-5, rtol=0)
@@ -195,8 +200,8 @@ def test_forward_decodes_with_the_fused_layer(tiny_fusable):
 
 def test_forward_composes_the_step_when_the_matrices_are_apart(tiny_packed):
     """The imported tiny model stores q apart from k, v: no fused layer, the composed step."""
-    model = npllm.load(tiny_packed, backend="numba")
-    assert llama.fused_decode_weights({**model.weights, **model.packed}, model.config) is None
+    model = npllm.load(tiny_packed, engine="numba")
+    assert model.engine.packed and model.engine.fused is None
 
 
 def test_decode_layer_runs_first_in_a_fresh_process(tmp_path):

@@ -39,13 +39,6 @@ def test_logits_equal_transformers_on_the_same_gguf(default_model, hf_gguf_model
     np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-def test_numpy_backend_equals_numba_backend(default_model, texts):
-    ids = np.array(texts["prose"])
-    # 1e-4: both are float32 through 30 layers; only summation order differs.
-    np.testing.assert_allclose(default_model(ids, backend="numpy"),
-                               default_model(ids, backend="numba"), atol=1e-4, rtol=0)
-
-
 def decode_one_by_one(model, ids, prompt=10, cache=None):
     """Logits of a 10-token prompt, then of each further token fed alone through the cache."""
     cache = cache if cache is not None else model.new_cache()
@@ -86,26 +79,27 @@ def test_kv_cache_with_a_wrong_position_is_detected(default_model, texts):
     assert np.abs(wrong - default_model(ids)[1:]).max() > 0.1
 
 
-def test_two_threads_equal_one_pass(default_model, hf_gguf_model, hf_float64, texts, monkeypatch):
-    """A long text scored on two threads (npllm/model/threads.py: the second part of the tokens
-    as a continuation with the first part's keys and values) equals one pass up to float32
-    rounding, bounded as above by twice torch's float32 error on the same ids."""
-    from npllm.model import threads
+def test_parts_on_threads_equal_one_pass(default_model, hf_gguf_model, hf_float64, texts):
+    """A long text run in parts on threads (npllm/engine/threads.py: each part a continuation
+    with the earlier parts' keys and values) equals one pass up to float32 rounding, bounded as
+    above by twice torch's float32 error on the same ids; with two parts and with three."""
+    from npllm.engine import NumbaEngine
+    from npllm.engine.threads import MIN_PART_TOKENS
+    from npllm.model import Model
 
-    ids = np.array((texts["chat"] * 40)[:threads.MIN_TOKENS + 16])
+    ids = np.array((texts["chat"] * 40)[:3 * MIN_PART_TOKENS + 16])
     with torch.no_grad():
         exact = hf_float64(torch.tensor(ids)[None]).logits[0].numpy()
         theirs = hf_gguf_model(torch.tensor(ids)[None]).logits[0].numpy()
     float32_error = np.abs(theirs - exact).max()
     assert 1e-6 < float32_error < 1e-3
-    one = default_model(ids, backend="numba")
-    monkeypatch.setattr(threads, "blas_threads", lambda: 2)  # the tests run BLAS on one thread
-    split = []
-    monkeypatch.setattr(threads.HandOffCache, "pair", lambda *a, real=threads.HandOffCache.pair:
-                        split.append(a[-1]) or real(*a))
-    two = default_model(ids, backend="numba")
-    assert split == [threads.first_part(default_model.config, len(ids))]
-    np.testing.assert_allclose(two, one, atol=2 * float32_error, rtol=0)
+    config, weights = default_model.config, default_model.weights
+    one = Model(config, weights, engine=NumbaEngine(config, weights, threads=1))(ids)
+    for threads in (2, 3):
+        engine = NumbaEngine(config, weights, threads=threads)
+        assert engine.parallel.parts(1, len(ids)) == threads
+        parts = Model(config, weights, engine=engine)(ids)
+        np.testing.assert_allclose(parts, one, atol=2 * float32_error, rtol=0)
 
 
 def test_parameter_count_and_shares(default_model, hf_gguf_model):
@@ -125,4 +119,4 @@ def test_wrong_rope_theta_is_detected(default_model, hf_gguf_model, texts):
     wrong = dataclasses.replace(default_model.config, rope_theta=default_model.config.rope_theta / 2)
     with torch.no_grad():
         theirs = hf_gguf_model(torch.tensor(ids)[None]).logits[0].float().numpy()
-    assert np.abs(forward(default_model.weights, wrong, ids) - theirs).max() > 0.1
+    assert np.abs(forward(default_model.weights, wrong, ids[None])[0] - theirs).max() > 0.1

@@ -1,5 +1,5 @@
-"""The docs site (issue 7): ``mkdocs build --strict`` passes; each equation of DESIGN.md's table
-has its page with the function's source pulled from the code, a worked example run on the
+"""The docs site (issue 7): ``mkdocs build --strict`` passes; each equation of the table in
+docs/equations.md has its page with the function's source pulled from the code, a worked example run on the
 default model and the test that proves it; formulas render offline (MathJax shipped with the
 site, no CDN); figures are drawn by the build; the examples run without torch.
 
@@ -19,7 +19,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.real_model
 
-# DESIGN.md's table of equations -> (page, functions whose source the page must show, test file)
+# The table of equations (docs/equations.md) -> (page, functions whose source the page must show, test file)
 EQUATIONS = {
     "log P(s) = sum_i log P(s_i | s_<i)": ("eq/chain-rule", ["token_log_probs", "sequence_log_prob"], "test_equations_probability.py"),
     "LM head: logits = W c, P = softmax(logits)": ("eq/lm-head", ["lm_head", "softmax"], "test_equations_softmax.py"),

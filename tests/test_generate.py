@@ -23,8 +23,8 @@ PROMPT = "The quick brown fox"
 
 @pytest.fixture(scope="module")
 def tiny():
-    # The readable NumPy backend: these tests are about the loop, not the kernels.
-    return npllm.load(str(tiny_llama()), backend="numpy")
+    # The reference engine: these tests are about the loop, not the kernels.
+    return npllm.load(str(tiny_llama()), engine="reference")
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def with_eos(model, eos_id):
     """The same model, with ``eos_id`` added to the config's end-of-text ids."""
     import dataclasses
     copy = npllm.Model(dataclasses.replace(model.config, eos_token_id=[2, eos_id]), model.weights,
-                       model.tokenizer, backend=model.backend)
+                       model.tokenizer, engine="reference")
     return copy
 
 

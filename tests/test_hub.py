@@ -21,7 +21,8 @@ from tiny_models import tiny_llama
 from npllm.errors import ModelNotFoundError, NpllmError, WeightsError
 from npllm.model import hub
 from npllm.model.config import LlamaConfig
-from npllm.model.weights import load_packed, load_weights
+from npllm.engine.packed import load_packed
+from npllm.model.weights import load_weights
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""npllm.kernels (Numba) against their originals in npllm.equations (NumPy), and the backends.
+"""npllm.kernels (Numba) against their originals in npllm.equations (NumPy).
 
 Every kernel is run beside its equation on shapes and values drawn by hypothesis, with both its
 serial and its parallel loop. Tolerances are float32's (conftest.assert_close: rtol 1e-5,
@@ -14,7 +14,6 @@ from hypothesis import given, strategies as st
 import npllm.equations as E
 import npllm.kernels as K
 from conftest import assert_close
-from npllm import backend
 from npllm.kernels import attention as kernel_attention
 
 MASKED = np.finfo(np.float32).min
@@ -266,7 +265,7 @@ def test_decode_attention_is_the_last_row_of_causal_attention():
     assert_close(K.decode_attention(q[:, -1:], k, v, 6), full[:, -1:], atol=1e-6)
 
 
-# --- same errors, same backends ---------------------------------------------------------------------
+# --- same errors, same names ---------------------------------------------------------------------
 
 bad_calls = [
     ("rms_norm", lambda f: f(np.ones((2, 3)), np.ones(4), 1e-5)),
@@ -287,24 +286,13 @@ def test_kernels_reject_what_the_equations_reject(name, call):
             call(getattr(module, name))
 
 
-def test_both_backends_provide_every_hot_function():
-    for name in ("numba", "numpy"):
-        be = backend.get_backend(name)
-        assert be.name == name
-        for f in backend.HOT_FUNCTIONS:
-            assert callable(getattr(be, f)), (name, f)
-    numba_backend = backend.get_backend("numba")
-    for f in backend.HOT_FUNCTIONS:
-        assert getattr(numba_backend, f) is getattr(K, f)
-        assert getattr(backend.get_backend("numpy"), f) is getattr(E, f)
-    # Fused functions: a kernel in one, the composition of equations in the other.
-    for f in backend.FUSED_FUNCTIONS:
-        assert getattr(numba_backend, f) is getattr(K, f)
-        assert getattr(backend.get_backend("numpy"), f) is getattr(backend, f)
-    # The kernels' package offers exactly the contract's names (docs/internals/api-contract.md).
+def test_every_kernel_is_the_twin_of_an_equation():
+    """Each kernel has an equation of the same name (its readable original), and the kernels'
+    package offers exactly the contract's names (docs/internals/api-contract.md)."""
     assert set(K.__all__) == {"rms_norm", "apply_rope", "softmax", "log_softmax", "swiglu",
                               "grouped_query_attention", "decode_attention", "lm_head_log_probs"}
-    assert set(backend.HOT_FUNCTIONS) | set(backend.FUSED_FUNCTIONS) <= set(K.__all__)
+    for name in K.__all__:
+        assert callable(getattr(E, name)) and getattr(K, name) is not getattr(E, name), name
 
 
 def test_attention_never_repeats_key_value_heads():
@@ -364,12 +352,12 @@ def test_exp32_is_within_one_ulp_of_the_correctly_rounded_exp():
        run=drivers)
 def test_lm_head_log_probs_equals_the_composition(seed, lead, T, V, columns, scale, run):
     """The fused LM head + log-softmax (over blocks of the vocabulary, a streaming logsumexp)
-    against ``token_log_probs(lm_head(c, W), targets)``, the NumPy backend's composition."""
+    against ``token_log_probs(lm_head(c, W), targets)``, the equations' composition."""
     D = 16
     c = values(seed, (*lead, T, D), scale)
     W = values(seed + 1, (V, D))
     targets = np.random.default_rng(seed).integers(0, V, size=(*lead, T))
-    expected = backend.lm_head_log_probs(c, W, targets)
+    expected = E.lm_head_log_probs(c, W, targets)
     with driver(run):
         actual = K.lm_head_log_probs(c, W, targets, columns=columns)
     assert actual.shape == expected.shape == (*lead, T)

@@ -13,8 +13,8 @@ Three claims, each tested on its own:
    rounding (the bound of tests/test_default_model.py), with the same greedy tokens; folders
    without the packed file decode as before.
 
-The kernels are called explicitly (and the forward pass with ``backend="numba"`` where packed
-weights are meant to be used), so this file means the same under NPLLM_BACKEND=numpy.
+The kernels are called explicitly (and the forward pass on a Numba engine where packed weights
+are meant to be used), so this file means the same under NPLLM_ENGINE=reference.
 """
 import json
 import platform
@@ -33,7 +33,10 @@ import npllm
 from npllm.kernels import quantized as Q
 from npllm.model import hub
 from npllm.model.gguf import convert_gguf
-from npllm.model.weights import PACKED_FILE, PackedWeight, load_packed, read_safetensors_header
+from npllm.engine import NumbaEngine
+from npllm.engine.packed import PackedWeight, load_packed
+from npllm.model import Model
+from npllm.model.weights import PACKED_FILE, read_safetensors_header
 from test_gguf import write_tiny_gguf
 from tiny_models import make_tiny_llama
 
@@ -278,7 +281,7 @@ def test_packed_file_order_lets_projections_fuse(tiny_packed):
     """Per layer q, k, v, o, gate, up, down one after another in the file: the forward pass
     multiplies q/k/v (when of one type) and gate/up in one call."""
     from npllm.model.config import LlamaConfig
-    from npllm.model.weights import stack_adjacent
+    from npllm.engine.packed import stack_adjacent
 
     config = LlamaConfig.from_file(tiny_packed / "config.json")
     packed = load_packed(tiny_packed, config)
@@ -298,7 +301,7 @@ def test_float32_gguf_writes_no_packed_file(tmp_path):
     out = convert_gguf(write_tiny_gguf(tmp_path / "f32.gguf", hf), tmp_path / "out",
                        progress=False)
     assert not (out / PACKED_FILE).exists()
-    assert npllm.load(out).packed == {}
+    assert npllm.load(out, engine="numba").engine.packed == {}
 
 
 def test_packed_file_is_never_read_as_float32_weights(tiny_packed, tmp_path):
@@ -310,8 +313,8 @@ def test_packed_file_is_never_read_as_float32_weights(tiny_packed, tmp_path):
     shutil.copytree(tiny_packed, folder)
     (folder / "model.safetensors").rename(folder / "weights.safetensors")
     assert safetensors_files(folder) == [folder / "weights.safetensors"]
-    model = npllm.load(folder)
-    assert len(model.packed) == 15 and model.weights["lm_head.weight"].dtype == np.float32
+    model = npllm.load(folder, engine="numba")
+    assert len(model.engine.packed) == 15 and model.weights["lm_head.weight"].dtype == np.float32
 
 
 def test_load_packed_checks_the_file_against_the_model(tiny_packed, tmp_path):
@@ -336,27 +339,34 @@ def test_load_packed_checks_the_file_against_the_model(tiny_packed, tmp_path):
 
 # --- 3. the forward pass ----------------------------------------------------------------------
 
-def decode(model, ids, prompt=4, **kwargs):
+def decode(model, ids, prompt=4):
     """Logits of a prompt, then of each further token fed alone through the cache."""
     cache = model.new_cache()
-    parts = [model(ids[:prompt], cache=cache, **kwargs)]
-    parts += [model(ids[t:t + 1], cache=cache, **kwargs) for t in range(prompt, len(ids))]
+    parts = [model(ids[:prompt], cache=cache)]
+    parts += [model(ids[t:t + 1], cache=cache) for t in range(prompt, len(ids))]
     return np.concatenate(parts)
+
+
+def with_packed(model, packed):
+    """The same model on a Numba engine decoding from ``packed`` ({}: the float32 weights)."""
+    return Model(model.config, model.weights, model.tokenizer,
+                 engine=NumbaEngine(model.config, model.weights, packed))
 
 
 def count_packed_calls():
     calls = []
     real = PackedWeight.linear
 
-    def counting(self, x):
+    def counting(self, x, one_thread=False):
         calls.append(self.shape)
-        return real(self, x)
+        return real(self, x, one_thread)
     return mock.patch.object(PackedWeight, "linear", counting), calls
 
 
 def test_tiny_decoding_uses_the_packed_weights(tiny_packed):
-    model = npllm.load(tiny_packed, backend="numba")
-    assert len(model.packed) == 2 * 7 + 1 and "packed: 12 Q4_1, 3 Q8_0 matrices" in repr(model)
+    model = npllm.load(tiny_packed, engine="numba")
+    assert len(model.engine.packed) == 2 * 7 + 1
+    assert "decoding from 12 Q4_1, 3 Q8_0 matrices" in repr(model)
     ids = np.array([1, 5, 9, 200, 7, 42, 3, 17, 99, 100])
     patch, calls = count_packed_calls()
     with patch:
@@ -364,7 +374,7 @@ def test_tiny_decoding_uses_the_packed_weights(tiny_packed):
         # 6 decoding steps x 2 layers x (q, k/v fused, o, gate/up fused, down), and the LM head
         assert len(calls) == 6 * (2 * 5 + 1)
         calls.clear()
-        plain = decode(model, ids, packed=False)
+        plain = decode(with_packed(model, {}), ids)
         prefill = model(ids)  # no cache: never packed
         assert calls == []
     # Float32 throughout a 2-layer model of width 64 with logits ~1: a few ulps apart.
@@ -374,20 +384,20 @@ def test_tiny_decoding_uses_the_packed_weights(tiny_packed):
 
 
 def test_tiny_packed_can_be_switched_off(tiny_packed, monkeypatch):
+    """At load: NPLLM_PACKED=0 or packed=False; the reference engine never reads blocks."""
     ids = np.array([1, 5, 9, 200, 7, 42])
-    model = npllm.load(tiny_packed, backend="numba")
     patch, calls = count_packed_calls()
     with patch:
         monkeypatch.setenv("NPLLM_PACKED", "0")
-        off = decode(model, ids)
+        off = decode(npllm.load(tiny_packed, engine="numba"), ids)
         assert calls == []
         monkeypatch.delenv("NPLLM_PACKED")
-        decode(model, ids)
+        decode(npllm.load(tiny_packed, engine="numba"), ids)
         assert calls
         calls.clear()
-        decode(model, ids, backend="numpy")  # the readable backend is always float32
-        without = npllm.load(tiny_packed, backend="numba", packed=False)
-        assert without.packed == {} and "packed" not in repr(without)
+        decode(npllm.load(tiny_packed, engine="reference"), ids)
+        without = npllm.load(tiny_packed, engine="numba", packed=False)
+        assert without.engine.packed == {} and "GGUF blocks" not in repr(without)
         np.testing.assert_array_equal(decode(without, ids), off)
         assert calls == []
 
@@ -396,7 +406,7 @@ def test_tiny_scoring_while_decoding_with_packed_weights(tiny_packed):
     """``targets`` with the packed LM head: log P(target) of the one new position."""
     from npllm.equations import token_log_probs
 
-    model = npllm.load(tiny_packed, backend="numba")
+    model = npllm.load(tiny_packed, engine="numba")
     cache = model.new_cache()
     model(np.array([1, 5, 9]), cache=cache)
     log_p = model(np.array([200]), cache=cache, targets=np.array([7]))
@@ -436,7 +446,7 @@ def test_default_packed_tensors_equal_the_float32_tensors(default_model, convert
     model.safetensors (210 Q4_1 projections, and the Q8_0 embedding matrix as the tied LM head):
     in the folder users load, and as convert_gguf writes it now."""
     model = default_model if where == "cache folder" else npllm.load(converted_default_folder)
-    packed, weights = model.packed, model.weights
+    packed, weights = default_packed(model), model.weights
     assert len(packed) == 30 * 7 + 1
     assert {w.ggml_type for w in packed.values()} == {"Q4_1", "Q8_0"}
     assert packed["lm_head.weight"].ggml_type == "Q8_0"
@@ -459,6 +469,11 @@ def test_default_packed_file_as_converted(converted_default_folder):
     assert order[:7] == layer and order[-1] == "model.embed_tokens.weight"
     assert sorted(b for _, b in offsets) == sorted(a for a, _ in offsets)[1:] + [max(
         b for _, b in offsets)]  # no gaps
+
+
+def default_packed(model):
+    """The default model's packed matrices (whatever engine the suite runs on)."""
+    return load_packed(model.folder, model.config, True)
 
 
 @pytest.fixture(scope="module")
@@ -486,16 +501,18 @@ def test_default_packed_decoding_equals_float32_decoding(default_model, hf_gguf_
     assert 1e-6 < float32_error < 1e-4
     from npllm.kernels import decode as fused_kernel
 
+    numba_model = with_packed(default_model, default_packed(default_model))
+
     patch, calls = count_packed_calls()
     layers = []
     real = fused_kernel.decode_layer
     with patch, mock.patch.object(fused_kernel, "decode_layer",
                                   lambda *a: layers.append(a[-2]) or real(*a)):
-        packed = decode(default_model, chat_ids, prompt=10, backend="numba")
+        packed = decode(numba_model, chat_ids, prompt=10)
     # Each step: 30 fused layers (q, k, v and gate, up lie together in the imported file), then
     # the packed LM head.
     assert len(layers) == (len(chat_ids) - 10) * 30 and len(calls) == len(chat_ids) - 10
-    plain = decode(default_model, chat_ids, prompt=10, backend="numba", packed=False)
+    plain = decode(with_packed(numba_model, {}), chat_ids, prompt=10)
     np.testing.assert_allclose(packed, plain, atol=2 * float32_error, rtol=0)
     np.testing.assert_array_equal(packed.argmax(-1), plain.argmax(-1))
 
@@ -504,27 +521,26 @@ def test_default_packed_decoding_equals_float32_decoding(default_model, hf_gguf_
 def test_default_packed_decoding_with_a_wrong_weight_is_detected(default_model, chat_ids):
     """The bound above can fail: one wrong scale in one row of one layer's down_proj."""
     name = "model.layers.3.mlp.down_proj.weight"
-    w = default_model.packed[name]
+    packed = default_packed(default_model)
+    w = packed[name]
     wrong = np.array(w.blocks)
     wrong[7, 0:2] = np.float16(2 * wrong[7, 0:2].view(np.float16)[0] + 0.01).reshape(1).view(
         np.uint8)
-    patched = {**default_model.packed, name: PackedWeight(wrong, w.ggml_type)}
-    model = npllm.model.Model(default_model.config, default_model.weights,
-                              default_model.tokenizer, packed=patched, backend="numba")
-    bad = decode(model, chat_ids, prompt=10)
-    good = decode(default_model, chat_ids, prompt=10, backend="numba")
+    bad = decode(with_packed(default_model, {**packed, name: PackedWeight(wrong, w.ggml_type)}),
+                 chat_ids, prompt=10)
+    good = decode(with_packed(default_model, packed), chat_ids, prompt=10)
     assert np.abs(bad - good)[1:].max() > 1e-3
 
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("prompt", ["The capital of France is", "def fib(n):",
                                     "In 1969, 3 astronauts"])
-def test_default_greedy_tokens_are_the_same(default_model, prompt, monkeypatch):
+def test_default_greedy_tokens_are_the_same(default_model, prompt):
     from npllm.generate import generate
 
-    packed = generate(default_model, prompt, 24, ignore_eos=True, backend="numba")
-    monkeypatch.setenv("NPLLM_PACKED", "0")
-    plain = generate(default_model, prompt, 24, ignore_eos=True, backend="numba")
+    packed = generate(with_packed(default_model, default_packed(default_model)), prompt, 24,
+                      ignore_eos=True)
+    plain = generate(with_packed(default_model, {}), prompt, 24, ignore_eos=True)
     assert packed.ids == plain.ids
 
 
@@ -539,18 +555,19 @@ def test_default_folder_without_packed_file_still_decodes(default_model, convert
         if f.name != PACKED_FILE:
             (old / f.name).symlink_to(f)
     start = time.perf_counter()
-    model = npllm.load(old, backend="numba")
+    model = npllm.load(old, engine="numba")
     assert time.perf_counter() - start < 1.0
-    assert model.packed == {} and "packed" not in repr(model)
+    assert model.engine.packed == {} and "GGUF blocks" not in repr(model)
     np.testing.assert_array_equal(
         decode(model, chat_ids[:16], prompt=10),
-        decode(default_model, chat_ids[:16], prompt=10, backend="numba", packed=False))
+        decode(with_packed(default_model, {}), chat_ids[:16], prompt=10))
 
 
 @pytest.mark.real_model
-def test_default_model_says_it_has_packed_weights(default_model):
-    assert "packed: 210 Q4_1, 1 Q8_0 matrices in their GGUF blocks (92.0 MiB)" in repr(
-        default_model)
+def test_default_model_says_it_has_packed_weights():
+    model = npllm.load(engine="numba")
+    assert "decoding from 210 Q4_1, 1 Q8_0 matrices in their GGUF blocks (92.0 MiB)" in repr(
+        model)
 
 
 def test_the_block_layouts_are_ggufs_and_each_has_a_kernel():

@@ -8,7 +8,6 @@ implementations summing in different orders); batching and windows compare npllm
 import json
 import math
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -486,38 +485,33 @@ def test_corpus_perplexity_of_one_document_uses_tokens(tiny):
         corpus_perplexity(model, ["", ""])
 
 
-def test_batches_two_at_a_time_give_the_numbers_of_one_after_another(tiny, monkeypatch):
-    """On the Numba backend with BLAS on two threads, a chunk's batches run two at a time
-    (npllm.model.threads.map_on_two_threads). Each batch is the same forward pass on either
-    thread (BLAS on one thread in both, in this session), so every text gets bit for bit the
-    numbers of batches run one after another: a result put in another text's place would
-    differ. With logits asked for (ranks), only batches whose logits fit twice in
-    MAX_BATCH_TOKENS positions run two at a time."""
-    from npllm.model import threads
+def test_batches_several_at_a_time_give_the_numbers_of_one_after_another(tiny, monkeypatch):
+    """On an engine with three threads, a chunk's batches run several at a time (the engine's
+    ``map``). Each batch is the same forward pass on any thread (BLAS on one thread in both,
+    in this session), so every text gets bit for bit the numbers of batches run one after
+    another: a result put in another text's place would differ. With logits asked for
+    (ranks), only as many batches at once as fit in MAX_BATCH_TOKENS positions together."""
+    from npllm.engine import NumbaEngine
+    from npllm.model import Model
 
     model, _ = tiny
-    monkeypatch.setattr(model, "backend", "numba")
-    monkeypatch.setattr(threads, "blas_threads", lambda: 2)
-    runs = []
-    real = threads.map_on_two_threads
-    monkeypatch.setattr(threads, "map_on_two_threads",
-                        lambda fn, items: runs.append(len(items)) or real(fn, items))
+    one = Model(model.config, model.weights, model.tokenizer,
+                engine=NumbaEngine(model.config, model.weights, threads=1))
+    three = Model(model.config, model.weights, model.tokenizer,
+                  engine=NumbaEngine(model.config, model.weights, threads=3))
+    at_once = []
+    real = three.engine.parallel.map
+    monkeypatch.setattr(three.engine.parallel, "map",
+                        lambda fn, items, n=None: at_once.append(n) or real(fn, items, n))
     texts = corpus_texts(40, seed=11)
-
-    def both_ways(**kwargs):
-        with monkeypatch.context() as one_at_a_time:
-            one_at_a_time.setattr(threads, "batches_pay", lambda n, backend: False)
-            one = score(model, texts, batch_size=4, **kwargs)
-        before = len(runs)
-        two = score(model, texts, batch_size=4, **kwargs)
-        assert [s.log_probs for s in two] == [s.log_probs for s in one]
-        assert [s.ranks for s in two] == [s.ranks for s in one]
-        return len(runs) - before
-
-    assert both_ways() >= 2
-    assert both_ways(with_rank=True) >= 2
     longest = max(s.n_tokens for s in score(model, texts)) + 1  # + the BOS
-    # The longest row alone no longer fits twice:
-    monkeypatch.setattr(sys.modules["npllm.score"], "MAX_BATCH_TOKENS", 2 * longest - 1)
-    assert both_ways(with_rank=True) == 0
-    assert both_ways() >= 2  # log-probabilities alone hold no logits
+    for kwargs in ({}, {"with_rank": True}):
+        at_once.clear()
+        a = score(one, texts, batch_size=4, **kwargs)
+        b = score(three, texts, batch_size=4, **kwargs)
+        assert [s.log_probs for s in b] == [s.log_probs for s in a]
+        assert [s.ranks for s in b] == [s.ranks for s in a]
+        if kwargs:  # logits: bounded by what fits, here still several at a time
+            assert all(n >= MAX_BATCH_TOKENS // (4 * longest) >= 2 for n in at_once), at_once
+        else:  # log-probabilities only: as many as there are threads
+            assert at_once and all(n is None for n in at_once)

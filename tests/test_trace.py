@@ -42,12 +42,13 @@ def ours(model, trace):
     return hidden, [trace[f"layers.{i}.pattern"] for i in range(L)]
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba"])
-def test_hidden_states_and_patterns_equal_transformers_tiny(tiny, backend):
+@pytest.mark.parametrize("engine", ["reference", "numba"])
+def test_hidden_states_and_patterns_equal_transformers_tiny(tiny, engine):
     model, ref = tiny
+    model = npllm.model.Model(model.config, model.weights, engine=engine)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(2, 19))
     trace = Trace("embeddings", "layers.*.output", "norm", "layers.*.pattern")
-    model(ids, trace=trace, backend=backend)
+    model(ids, trace=trace)
     hidden, patterns = ours(model, trace)
     ref_hidden, ref_patterns = reference(ref, ids)
     assert len(hidden) == len(ref_hidden) and len(patterns) == len(ref_patterns)
@@ -93,7 +94,7 @@ def test_hidden_states_and_patterns_equal_transformers_default_model(default_mod
 
 def _sizes(model, T, S):
     c = model.config
-    return {"B": 2, "T": T, "S": S, "D": c.hidden_size, "H": c.num_attention_heads,
+    return {"1": 1, "B": 2, "T": T, "S": S, "D": c.hidden_size, "H": c.num_attention_heads,
             "K": c.num_key_value_heads, "Dh": c.head_dim, "F": c.intermediate_size,
             "V": c.vocab_size}
 

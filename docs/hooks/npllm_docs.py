@@ -162,9 +162,14 @@ def _fence(code, path, first_line):
 
 
 def _source_block(dotted, page):
+    """The source of ``dotted``: a module's function or class, or a class's method."""
     module_name, _, attr = dotted.rpartition(".")
     try:
-        obj = getattr(importlib.import_module(module_name), attr)
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except ImportError:  # module.Class.method
+            module_name, _, cls = module_name.rpartition(".")
+            obj = getattr(getattr(importlib.import_module(module_name), cls), attr)
         lines, first = inspect.getsourcelines(obj)
         path = Path(inspect.getsourcefile(obj)).resolve().relative_to(ROOT)
     except (ImportError, AttributeError, TypeError, ValueError) as e:

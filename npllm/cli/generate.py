@@ -36,8 +36,7 @@ def sampling_options(args):
     from npllm.generate import check_sampling
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                stop=args.stop, use_cache=args.use_cache, truncate=args.truncate,
-                backend=args.backend)
+                stop=args.stop, use_cache=args.use_cache, truncate=args.truncate)
 
 
 def add_parser(sub):

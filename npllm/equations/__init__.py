@@ -19,13 +19,13 @@ from .mlp import gelu, silu, swiglu, swiglu_mlp
 from .norm import layer_norm, rms_norm
 from .position import (apply_rope, apply_rope_interleaved, interleaved_to_half_rows,
                        rope_cos_sin, rope_inverse_frequencies, rotate_half, sinusoidal_encoding)
-from .probability import (bits_per_byte, cross_entropy, perplexity, sequence_log_prob,
-                          token_log_probs)
+from .probability import (bits_per_byte, cross_entropy, lm_head_log_probs, perplexity,
+                          sequence_log_prob, token_log_probs)
 from .softmax import lm_head, log_softmax, softmax
 
 __all__ = [
     # probability (lecture 000, 001)
-    "token_log_probs", "sequence_log_prob", "cross_entropy", "perplexity", "bits_per_byte",
+    "token_log_probs", "lm_head_log_probs", "sequence_log_prob", "cross_entropy", "perplexity", "bits_per_byte",
     # softmax (lectures 000, 002, 003)
     "softmax", "log_softmax", "lm_head",
     # attention (lectures 002, 003, 004)

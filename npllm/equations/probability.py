@@ -8,7 +8,7 @@ this likelihood, which is the same as minimising the cross-entropy.
 import numpy as np
 
 from ._checks import as_array, require
-from .softmax import log_softmax
+from .softmax import lm_head, log_softmax
 
 
 def token_log_probs(logits, targets):
@@ -28,6 +28,19 @@ def token_log_probs(logits, targets):
             f"targets must be token ids in [0, V) = [0, {logits.shape[-1]})")
     return np.take_along_axis(log_softmax(logits), targets[..., None], axis=-1)[..., 0]
 
+
+
+def lm_head_log_probs(c, W, targets):
+    r"""log P(targets | c): the LM head, then the log-softmax read at the targets (lecture 000).
+
+    .. math::
+        \log P(y_t \mid c_t) = \log\mathrm{softmax}(W c_t)_{y_t}
+
+    c [..., T, D], W [V, D], targets int [..., T] -> [..., T]: :func:`token_log_probs` of
+    :func:`~npllm.equations.lm_head`. Its Numba twin (:func:`npllm.kernels.lm_head_log_probs`)
+    gives the same numbers without ever holding the [..., T, V] logits.
+    """
+    return token_log_probs(lm_head(c, W), targets)
 
 def sequence_log_prob(logits, targets):
     r"""Log-probability of a whole sequence, the chain rule in log space (lecture 000).

