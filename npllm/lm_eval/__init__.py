@@ -153,6 +153,9 @@ class NpllmLM(TemplateLM):
         for context, continuation in pairs:
             if not context or not continuation:
                 raise ValueError("a loglikelihood request needs context and continuation tokens")
+            if len(continuation) > self.max_length:
+                raise ValueError(f"a continuation of {len(continuation)} tokens does not fit in "
+                                 f"max_length={self.max_length} (HFLM refuses it too)")
             whole = (list(context) + list(continuation))[-(self.max_length + 1):]
             rows.append((whole[:-1], list(continuation)))
         return rows
@@ -309,6 +312,3 @@ def main(argv=None):
     sys.argv = ["lm_eval", *argv]
     return cli_evaluate()
 
-
-if __name__ == "__main__":
-    main()
