@@ -30,7 +30,7 @@ from pathlib import Path
 
 from npllm.errors import NpllmError
 
-__all__ = ["score", "iter_scores", "partitions", "local_cluster", "connect",
+__all__ = ["score", "iter_scores", "partitions", "local_cluster", "connect", "load_on_workers",
            "DEFAULT_PARTITION_SIZE"]
 
 # Items per partition (at least: a partition is a whole number of chunks). Small enough that a
@@ -117,6 +117,12 @@ def _worker_model(name, backend):
 
     with contextlib.redirect_stderr(open(os.devnull, "w")):
         return npllm.load(name, backend=backend)
+
+
+def load_on_workers(client, model=None, backend=None):
+    """Load ``model`` on every worker of ``client`` now (it stays loaded for the scoring tasks),
+    e.g. before timing a run; returns {worker address: the model's source}."""
+    return client.run(lambda: _worker_model(model, backend).source)
 
 
 def _score_partition(model, backend, start, items, settings):

@@ -16,11 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import distributed  # npllm[dask], installed by the Makefile: missing, the tests fail
 import pytest
 
 from tiny_models import tiny_llama
-
-distributed = pytest.importorskip("distributed")  # the Makefile installs npllm[dask]
 
 ROOT = Path(__file__).resolve().parents[1]
 N_LINES = 2000
@@ -224,3 +223,18 @@ def test_cluster_options_are_checked(folder, corpus, tmp_path):
     result = npllm_score("-m", folder, "-f", corpus, "--local-cluster", 1, "--scheduler",
                          "tcp://127.0.0.1:1", "-q")
     assert result.returncode == 2 and "not allowed with" in result.stderr
+
+
+def test_scheduler_file_and_texts_as_arguments(folder, cluster, tmp_path):
+    """``--scheduler`` also takes a scheduler file (dask scheduler --scheduler-file, Slurm);
+    texts given as arguments go to the cluster too, output on stdout."""
+    _, client = cluster
+    scheduler_file = tmp_path / "scheduler.json"
+    client.write_scheduler_file(str(scheduler_file))
+    texts = ["He runs fast.", "The keys to the cabinet are on the table.", ""]
+    alone = npllm_score("-m", folder, *texts, "--format", "jsonl", "--rank")
+    spread = npllm_score("-m", folder, *texts, "--format", "jsonl", "--rank", "-q",
+                         "--scheduler", scheduler_file)
+    assert spread.returncode == alone.returncode == 1, spread.stderr
+    assert_same_records([json.loads(x) for x in spread.stdout.splitlines()],
+                        [json.loads(x) for x in alone.stdout.splitlines()])
