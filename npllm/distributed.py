@@ -26,6 +26,7 @@ import os
 import pickle
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 from npllm.errors import NpllmError
@@ -110,12 +111,20 @@ def _write_part(path, fingerprint, results):
 
 # -- on the workers -------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=2)
+_LOADING = threading.Lock()  # a worker with several threads loads the model once, not per thread
+
+
 def _worker_model(name, backend):
     """The model, loaded once per worker process (later tasks find it here)."""
+    with _LOADING:
+        return _load(name, backend)
+
+
+@functools.lru_cache(maxsize=2)
+def _load(name, backend):
     import npllm
 
-    with contextlib.redirect_stderr(open(os.devnull, "w")):
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
         return npllm.load(name, backend=backend)
 
 

@@ -127,8 +127,17 @@ class NpllmLM(TemplateLM):
         return str(getattr(self.model, "source", "npllm")).replace("/", "__")
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True):
-        return self.tokenizer.apply_chat_template(chat_history,
+        """The model's chat template around ``chat_history``, as ``HFLM`` renders it: with the
+        assistant's opening when ``add_generation_prompt``, else continuing the last message
+        (transformers' ``continue_final_message``: the text ends with its content)."""
+        text = self.tokenizer.apply_chat_template(chat_history,
                                                   add_generation_prompt=add_generation_prompt)
+        if not add_generation_prompt and chat_history:
+            last = chat_history[-1]["content"].strip()
+            end = text.rfind(last)
+            if last and end >= 0:
+                text = text[:end + len(last)]
+        return text
 
     def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
         """Token ids as ``HFLM.tok_encode``: the tokenizer's special tokens unless told
