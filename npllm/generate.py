@@ -264,7 +264,10 @@ class TextTracker:
         self.matched, self.end = self.find_stop(settled)
         if self.matched is not None:
             return ""
-        return self.show(min(len(settled), len(self.text) - self.partial_stop_length(self.text)))
+        # A stop string that starts in the settled text and is not in it yet must begin with the
+        # settled text's end (what follows is unknown: more characters, or the U+FFFD that a
+        # stop string may itself contain): hold that end back.
+        return self.show(len(settled) - self.partial_stop_length(settled))
 
     def finish(self):
         if self.matched is None:  # no more bytes will come: a trailing U+FFFD is final now
@@ -289,7 +292,8 @@ class TextTracker:
         return s, i
 
     def partial_stop_length(self, text):
-        """Length of the longest end of ``text`` that is a proper start of a stop string."""
+        """Length of the longest end of ``text`` that is a proper start of a stop string (a whole
+        one would have matched)."""
         return max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
                     if text.endswith(s[:n])), default=0)
 
