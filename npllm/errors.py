@@ -28,3 +28,17 @@ class WeightsError(NpllmError):
 
 class ModelNotFoundError(NpllmError):
     """A model name could not be resolved to a local folder (local path, GGUF file or Hub id)."""
+
+
+class ArgumentError(NpllmError, ValueError):
+    """An argument of npllm's Python API has the wrong type or value (``None`` for a text,
+    ``bytes`` for a string, a number for a list of stop strings, ...). Also a ``ValueError``."""
+
+
+class InputError(NpllmError):
+    """The input cannot be read: stdin is closed, a file is missing or is a folder."""
+
+
+class OutputError(NpllmError):
+    """An output file cannot be written: another run is writing it, it is a folder, or it is not
+    a file that ``--resume`` can continue."""

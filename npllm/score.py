@@ -455,7 +455,7 @@ class _Prepared:
     slid: bool
 
 
-def _check_settings(model, base, window, stride, batch_size):
+def check_settings(model, base, window, stride, batch_size):
     base = str(base)
     if base not in BASES:
         raise ScoreError(f"base must be 'e' (nats) or 2 (bits), got {base!r}")
@@ -737,7 +737,7 @@ def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None,
     """
     tok = _tokenizer(model)
     bos_choice = resolve_bos(model, bos)
-    base, window, stride, batch_size = _check_settings(model, base, window, stride, batch_size)
+    base, window, stride, batch_size = check_settings(model, base, window, stride, batch_size)
     items = [(it, None) if isinstance(it, str) or it is None else tuple(it) for it in items]
     skip = set(skip)
     bar = None
@@ -923,6 +923,6 @@ def corpus_perplexity(model, texts, *, bos="auto", window=None, stride=None, sli
     for _, r in iter_scores(model, items, bos=bos, window=window, stride=stride, slide=slide,
                             batch_size=batch_size, progress=progress):
         (errors if isinstance(r, ScoreError) else ok).append(r)
-    _, window, stride, _ = _check_settings(model, "e", window, stride, batch_size)
+    _, window, stride, _ = check_settings(model, "e", window, stride, batch_size)
     return CorpusPerplexity(**corpus_stats(ok), n_failed=len(errors), errors=errors,
                             bos=resolve_bos(model, bos), window=window, stride=stride)

@@ -48,14 +48,16 @@ def run(args):
     import numpy as np
 
     import npllm
+    from npllm.cli import stdin_is_terminal
     from npllm.cli.generate import sampling_options
     from npllm.generate import ContextLengthError, chat
 
     options = sampling_options(args)
+    interactive = stdin_is_terminal("npllm chat reads its messages from stdin (a terminal or a "
+                                    "pipe); give it one, e.g. echo Hello | npllm chat")
     # One generator for the whole conversation: with --seed, every reply can be repeated.
     options["seed"] = np.random.default_rng(args.seed)
     model = npllm.load(args.model, backend=args.backend)
-    interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {model.source}. Type a message; /reset starts over, /quit ends.",
               file=sys.stderr)

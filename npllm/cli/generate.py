@@ -64,7 +64,8 @@ def add_parser(sub):
 def read_prompt(args):
     prompt = args.prompt
     if prompt is None or prompt == "-":
-        if prompt is None and sys.stdin.isatty():
+        from npllm.cli import stdin_is_terminal
+        if stdin_is_terminal("give a PROMPT as an argument") and prompt is None:
             raise ValueError("give a PROMPT (or pipe it on stdin)")
         prompt = sys.stdin.read()
         if prompt.endswith("\n"):  # the newline that echo and editors add
