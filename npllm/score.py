@@ -130,8 +130,12 @@ def resolve_bos(model, bos="auto"):
     if isinstance(bos, str):
         token_id = tok.token_to_id(bos)
         if token_id is None:
-            raise ScoreError(f"bos {bos!r} is not a token of this model's vocabulary; give "
-                             "'auto', 'none', a token such as '<|endoftext|>', or a token id")
+            ids = tok.encode(bos) if bos else []
+            hint = (f" (as text it is the one token {tok.id_to_token(ids[0])!r}, id {ids[0]}: "
+                    "give that spelling or the id)" if len(ids) == 1 else "")
+            raise ScoreError(f"bos {bos!r} is not a token of this model's vocabulary{hint}; "
+                             "give 'auto', 'none', a token such as '<|endoftext|>' (as the "
+                             "vocabulary spells it), or a token id")
         return Bos(token_id, bos, bos, "chosen by the user")
     raise ScoreError(f"bos must be 'auto', True, False/'none', a token string or an id, "
                      f"got {bos!r}")
@@ -481,7 +485,7 @@ def check_settings(model, base, window, stride, batch_size):
     return base, window, int(stride), int(batch_size)
 
 
-def _prepare(index, text, context, tok, bos, window, stride, slide):
+def _prepare(index, text, context, tok, bos, window, stride, slide, split_special_tokens=False):
     """Tokenize ``context + text`` once, split it, add the BOS, cut it into windows."""
     if not isinstance(text, str):
         raise ScoreError(f"text must be a string, got {type(text).__name__}", index)
@@ -499,7 +503,7 @@ def _prepare(index, text, context, tok, bos, window, stride, slide):
     except UnicodeEncodeError as e:
         raise ScoreError(f"the text is not valid Unicode ({e.reason} at character {e.start})",
                          index) from None
-    ids, offsets = tok.encode_with_offsets(full)
+    ids, offsets = tok.encode_with_offsets(full, split_special_tokens=split_special_tokens)
     ids, offsets = list(ids), [tuple(o) for o in offsets]
     notes = []
     boundary = len(context or "")
@@ -521,6 +525,11 @@ def _prepare(index, text, context, tok, bos, window, stride, slide):
     n = len(seq)
     p_start = max(first + o, 1)  # position 0 has nothing before it
     if p_start > n - 1:
+        if bos.id is not None:  # the text is the BOS itself, not added again
+            raise ScoreError(f"nothing to score: the text is only the document-start token "
+                             f"{bos.token} (the BOS), with nothing after it; to score those "
+                             "characters as plain text, split special tokens (CLI: "
+                             "--split-special-tokens)", index)
         raise ScoreError("nothing to score: the text is a single token, and without a BOS the "
                          "first token has no context (turn the BOS on)", index)
     seq = np.asarray(seq, dtype=np.int64)
@@ -692,15 +701,25 @@ def _assemble(prep, results, tok, bos, base, window, stride, with_rank, with_ent
 
 def _normalise_items(texts, context):
     single = isinstance(texts, str)
-    texts = [texts] if single else list(texts)
+    texts = [texts] if single else _as_list(texts, "texts")
     if context is None or isinstance(context, str):
         contexts = [context] * len(texts)
     else:
-        contexts = list(context)
+        contexts = _as_list(context, "context")
         if len(contexts) != len(texts):
             raise ScoreError(f"context must be one string or one per text: got {len(contexts)} "
                              f"contexts for {len(texts)} texts")
     return single, list(zip(texts, contexts))
+
+
+def _as_list(value, name):
+    """A list of the strings given as ``name`` (a list, tuple or other iterable of them)."""
+    if isinstance(value, (bytes, bytearray)):
+        raise ScoreError(f"{name} is bytes: decode it to a string first (.decode('utf-8'))")
+    if value is None or isinstance(value, dict) or not hasattr(value, "__iter__"):
+        raise ScoreError(f"{name} must be a string or a list of strings, got "
+                         f"{type(value).__name__}")
+    return list(value)
 
 
 def chunks(items, batch_size):
@@ -710,7 +729,7 @@ def chunks(items, batch_size):
     only, not on where a run starts."""
     out, start, characters = [], 0, 0
     for i, (text, context) in enumerate(items):
-        n = len(text or "") + len(context or "")
+        n = sum(len(s) for s in (text, context) if isinstance(s, str))
         if i > start and (i - start >= SORT_BATCHES * batch_size
                           or characters + n > CHUNK_CHARACTERS):
             out.append(range(start, i))
@@ -723,7 +742,7 @@ def chunks(items, batch_size):
 
 def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None, slide=True,
                 batch_size=DEFAULT_BATCH_SIZE, with_rank=False, with_entropy=False,
-                with_greedy=False, skip=(), progress=False):
+                with_greedy=False, skip=(), progress=False, split_special_tokens=False):
     """Score ``items`` (texts, or ``(text, context)`` pairs) and yield ``(index, result)`` in
     input order, one chunk of items at a time (:func:`chunks`: up to ``SORT_BATCHES``
     batches' worth). ``result`` is a :class:`TextScore` or the :class:`ScoreError` that the
@@ -733,12 +752,13 @@ def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None,
     is padded. Chunks are cut at fixed positions of the input, so an item's numbers do not
     depend on where a run started: ``skip`` (indices already done, e.g. by an interrupted run)
     leaves them out of the output, and the rest come out bit for bit as in one uninterrupted
-    run.
+    run. ``split_special_tokens`` as in :func:`score`.
     """
     tok = _tokenizer(model)
     bos_choice = resolve_bos(model, bos)
     base, window, stride, batch_size = check_settings(model, base, window, stride, batch_size)
-    items = [(it, None) if isinstance(it, str) or it is None else tuple(it) for it in items]
+    items = [tuple(it) if isinstance(it, (tuple, list)) and len(it) == 2 else (it, None)
+             for it in _as_list(items, "items")]
     skip = set(skip)
     bar = None
     if progress:
@@ -754,7 +774,7 @@ def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None,
                 text, context = items[i]
                 try:
                     prepared[i] = _prepare(i, text, context, tok, bos_choice, window, stride,
-                                           slide)
+                                           slide, split_special_tokens)
                 except ScoreError as e:
                     e.index = i
                     results[i] = e
@@ -778,7 +798,7 @@ def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None,
 
 def score(model, texts, context=None, *, bos="auto", base="e", window=None, stride=None,
           slide=True, batch_size=DEFAULT_BATCH_SIZE, with_rank=False, with_entropy=False,
-          with_greedy=False, progress=False, return_errors=False):
+          with_greedy=False, progress=False, return_errors=False, split_special_tokens=False):
     r"""Log-probabilities of ``texts`` under ``model``, token by token (lecture 000).
 
     .. math::
@@ -798,6 +818,9 @@ def score(model, texts, context=None, *, bos="auto", base="e", window=None, stri
     error instead. ``batch_size``: texts (or windows) per forward pass; padding changes nothing.
     ``with_rank`` (1 = the most likely token), ``with_entropy`` (of the predicted distribution,
     in ``base``), ``with_greedy`` (is the token the argmax) add per-token lists.
+    ``split_special_tokens``: a special-token string written in a text (``"<|im_start|>"``) is
+    scored as the special token (False, the default: chat transcripts score as the model saw
+    them in training) or as plain text, its characters' ordinary tokens (True).
 
     A text that cannot be scored raises :class:`ScoreError` (``index`` says which); with
     ``return_errors=True`` its slot holds the error instead and the others are still scored.
@@ -811,7 +834,7 @@ def score(model, texts, context=None, *, bos="auto", base="e", window=None, stri
     for _, r in iter_scores(model, items, bos=bos, base=base, window=window, stride=stride,
                             slide=slide, batch_size=batch_size, with_rank=with_rank,
                             with_entropy=with_entropy, with_greedy=with_greedy,
-                            progress=progress):
+                            progress=progress, split_special_tokens=split_special_tokens):
         if isinstance(r, ScoreError) and not return_errors:
             where = "" if single else f"texts[{r.index}]: "
             raise ScoreError(f"{where}{r}", r.index)
@@ -910,7 +933,7 @@ def corpus_stats(scores):
 
 
 def corpus_perplexity(model, texts, *, bos="auto", window=None, stride=None, slide=True,
-                      batch_size=DEFAULT_BATCH_SIZE, progress=False):
+                      batch_size=DEFAULT_BATCH_SIZE, progress=False, split_special_tokens=False):
     """Token-weighted perplexity of many documents with its standard error
     (:class:`CorpusPerplexity`, whose docstring says how the error is computed).
 
@@ -921,7 +944,8 @@ def corpus_perplexity(model, texts, *, bos="auto", window=None, stride=None, sli
     _, items = _normalise_items(texts, None)
     ok, errors = [], []
     for _, r in iter_scores(model, items, bos=bos, window=window, stride=stride, slide=slide,
-                            batch_size=batch_size, progress=progress):
+                            batch_size=batch_size, progress=progress,
+                            split_special_tokens=split_special_tokens):
         (errors if isinstance(r, ScoreError) else ok).append(r)
     _, window, stride, _ = check_settings(model, "e", window, stride, batch_size)
     return CorpusPerplexity(**corpus_stats(ok), n_failed=len(errors), errors=errors,

@@ -117,7 +117,8 @@ def run(args):
                disable=args.quiet, dynamic_ncols=True)
     try:
         for i, r in iter_scores(model, texts, bos=bos, window=window, stride=stride,
-                                slide=not args.no_slide, batch_size=batch_size):
+                                slide=not args.no_slide, batch_size=batch_size,
+                                split_special_tokens=args.split_special_tokens):
             if isinstance(r, ScoreError):
                 problems.append(f"document {i + 1}: {r}")
             else:

@@ -129,6 +129,11 @@ def add_scoring_arguments(p):
                          "is scored once with at least window - stride tokens of context")
     sc.add_argument("--no-slide", action="store_true",
                     help="make texts longer than the window an error instead of sliding")
+    sc.add_argument("--split-special-tokens", action="store_true",
+                    help="score special-token strings written in a text (such as "
+                         "'<|im_start|>') as plain text, their characters' ordinary tokens "
+                         "(default: as the special tokens, the way chat transcripts were "
+                         "trained)")
     sc.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                     help=f"texts per forward pass (default {DEFAULT_BATCH_SIZE}); padding does "
                          "not change the numbers")
@@ -393,8 +398,9 @@ def check_metadata(found, wanted, path):
         raise OutputError(f"{path} does not start with npllm's metadata record: not an npllm "
                           "score file; give another -o FILE")
     keys = ("source", "bos", "base", "window", "stride", "slide", "batch_size", "extras",
-            "input_format", "fields", "context")
-    diff = [k for k in keys if found.get(k) != wanted.get(k)]
+            "input_format", "fields", "context", "split_special_tokens")
+    defaults = {"split_special_tokens": False}  # files written before the option existed
+    diff = [k for k in keys if found.get(k, defaults.get(k)) != wanted.get(k)]
     if diff:
         shown = "; ".join(f"{k}: {json.dumps(found.get(k))} in the file, "
                           f"{json.dumps(wanted.get(k))} now" for k in diff)
@@ -664,6 +670,7 @@ def score_items(args, items, fmt, source, out_path, locked):
         "input": source, "input_format": fmt,
         "fields": {"text": args.text_field, "context": args.context_field, "id": args.id_field},
         "context": args.context, "n_inputs": len(items),
+        "split_special_tokens": args.split_special_tokens,
     }
 
     if args.format == "jsonl":
@@ -707,7 +714,8 @@ def score_items(args, items, fmt, source, out_path, locked):
         results = iter_scores(model, pairs, bos=bos,
                               base=base, window=window, stride=stride, slide=not args.no_slide,
                               batch_size=batch_size, with_rank=args.rank,
-                              with_entropy=args.entropy, with_greedy=args.greedy, skip=skip)
+                              with_entropy=args.entropy, with_greedy=args.greedy, skip=skip,
+                              split_special_tokens=args.split_special_tokens)
         for i, result in results:
             item = items[i]
             if item.error is not None:

@@ -61,6 +61,7 @@ import numpy as np
 
 from npllm.backend import blas_threads_spinning
 from npllm.errors import WeightsError
+from npllm.model import integrity
 from npllm.ggml_blocks import BLOCK, BLOCK_BYTES, aligned
 
 SINGLE_FILE = "model.safetensors"
@@ -150,6 +151,13 @@ def safetensors_files(folder):
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise WeightsError(f"{index} is not a valid safetensors index ({type(e).__name__}: "
                                f"{e}); re-download the model") from None
+        outside = [n for n in names if not isinstance(n, str) or not n or Path(n).is_absolute()
+                   or ".." in Path(n).parts or Path(n).name != n]
+        if outside:
+            raise WeightsError(f"{index} names shard(s) outside the model folder "
+                               f"({', '.join(map(repr, outside[:3]))}); a shard must be a file "
+                               "name in the folder itself: the index is damaged or was not "
+                               "written by save_pretrained, download the model again")
         files = [folder / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -327,6 +335,7 @@ def load_packed(folder, config, tied=None):
     if not path.is_file():
         return {}
     header, data_start, metadata = read_safetensors_header(path)
+    integrity.verify_packed(path, header, data_start, metadata)
     fix = "delete the model folder and load the model again to re-import it"
     try:
         if metadata.get("format") != PACKED_FORMAT:
