@@ -54,6 +54,8 @@ SORT_BATCHES = 8
 # ... and a chunk of long texts ends after this many characters (about 8 full forward passes),
 # so that results, and the progress bar, keep coming.
 CHUNK_CHARACTERS = 65536
+# Progress bars count texts in tenths: a long text moves the bar window by window.
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}]"
 
 __all__ = ["score", "iter_scores", "corpus_perplexity", "resolve_bos", "TextScore", "WordScore",
            "Factor", "Bos", "CorpusPerplexity", "ScoreError"]
@@ -594,7 +596,7 @@ def batch_plan(lengths, batch_size):
     return batches
 
 
-def _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy):
+def _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy, on_rows=None):
     """Forward passes over ``rows`` in the padded batches of :func:`batch_plan`; results per
     row, in order. When only log-probabilities are asked for, the forward pass returns them
     directly (``targets=``) and the [B, T, V] logits are never formed.
@@ -603,7 +605,8 @@ def _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy):
     (:func:`npllm.model.threads.map_on_two_threads`: between BLAS's products, the rest of a
     forward pass would use one core). With logits, only when two batches' logits together fit
     in ``MAX_BATCH_TOKENS`` positions, the most that one batch may hold: the peak memory stays
-    within that bound.
+    within that bound. ``on_rows`` (if given) is called with each batch's rows when it is done
+    (from either thread).
     """
     from npllm.backend import backend_name
     from npllm.equations import greedy, log_softmax, token_log_probs
@@ -611,7 +614,13 @@ def _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy):
 
     need_logits = with_rank or with_entropy or with_greedy
 
-    def run(which):  # one padded batch -> a result per row
+    def run(which):  # one padded batch -> a result per row, reported to on_rows
+        out = run_batch(which)
+        if on_rows is not None:
+            on_rows([rows[r] for r in which])
+        return out
+
+    def run_batch(which):
         batch = [rows[r] for r in which]
         longest = len(batch[0].ids)
         ids = np.zeros((len(batch), longest), dtype=np.int64)
@@ -742,7 +751,8 @@ def chunks(items, batch_size):
 
 def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None, slide=True,
                 batch_size=DEFAULT_BATCH_SIZE, with_rank=False, with_entropy=False,
-                with_greedy=False, skip=(), progress=False, split_special_tokens=False):
+                with_greedy=False, skip=(), progress=False, split_special_tokens=False,
+                on_progress=None):
     """Score ``items`` (texts, or ``(text, context)`` pairs) and yield ``(index, result)`` in
     input order, one chunk of items at a time (:func:`chunks`: up to ``SORT_BATCHES``
     batches' worth). ``result`` is a :class:`TextScore` or the :class:`ScoreError` that the
@@ -753,6 +763,10 @@ def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None,
     depend on where a run started: ``skip`` (indices already done, e.g. by an interrupted run)
     leaves them out of the output, and the rest come out bit for bit as in one uninterrupted
     run. ``split_special_tokens`` as in :func:`score`.
+
+    ``on_progress`` (if given) is called with a fraction of an item whenever part of one is
+    done: a text cut into k sliding windows reports 1/k per window, so that a progress bar
+    moves during a long text; the fractions of an item add up to 1 by the time it is yielded.
     """
     tok = _tokenizer(model)
     bos_choice = resolve_bos(model, bos)
@@ -764,7 +778,7 @@ def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None,
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(items) - len(skip & set(range(len(items)))), unit="text",
-                   desc="scoring", disable=None)
+                   desc="scoring", disable=None, bar_format=BAR_FORMAT)
     try:
         for chunk in chunks(items, batch_size):
             if all(i in skip for i in chunk):
@@ -779,7 +793,17 @@ def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None,
                     e.index = i
                     results[i] = e
             rows = [row for p in prepared.values() for row in p.rows]
-            outs = _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy)
+            share = {i: 1 / len(p.rows) for i, p in prepared.items()}
+            report = None
+            if on_progress is not None or bar is not None:
+                def report(done):
+                    part = sum(share[row.item] for row in done)
+                    if on_progress is not None:
+                        on_progress(part)
+                    if bar is not None:
+                        bar.update(part)
+            outs = _run_rows(model, rows, batch_size, with_rank, with_entropy, with_greedy,
+                             report)
             k = 0
             for i, p in prepared.items():
                 mine = outs[k:k + len(p.rows)]
@@ -788,9 +812,12 @@ def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None,
                                        with_rank, with_entropy, with_greedy)
             for i in chunk:
                 if i not in skip:
+                    if i not in prepared:  # an error: nothing was run for it
+                        if on_progress is not None:
+                            on_progress(1.0)
+                        if bar is not None:
+                            bar.update(1)
                     yield i, results[i]
-                    if bar is not None:
-                        bar.update(1)
     finally:
         if bar is not None:
             bar.close()

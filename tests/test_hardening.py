@@ -294,3 +294,17 @@ def test_plot_labels_with_dollar_signs(tmp_path, tiny, text):
     titles = [t for t in fig.findobj(Text) if "$" in t.get_text()]
     assert titles and not any(t.get_parse_math() for t in titles)
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+# -- 8. progress during one long text ---------------------------------------------------------
+
+def test_a_long_text_reports_progress_window_by_window(tiny):
+    from npllm.score import iter_scores
+    from tiny_models import CORPUS
+    calls = []
+    results = list(iter_scores(tiny, [CORPUS, "", "short text"], window=32, stride=16,
+                               batch_size=2, on_progress=calls.append))
+    assert [i for i, _ in results] == [0, 1, 2]
+    windows = [c for c in calls if c < 1]  # the long text, a fraction per batch of windows
+    assert len(windows) > 10 and sum(windows) == pytest.approx(1.0)
+    assert sum(calls) == pytest.approx(3.0)  # every item, the error too, counts once

@@ -107,7 +107,7 @@ def run(args):
                               "seconds": result.seconds}, ensure_ascii=False), flush=True)
         else:
             print(flush=True)
-            if result.finish_reason == "length":
+            if result.finish_reason == "length" and not args.quiet:
                 print(f"(reply cut after {len(result.ids)} tokens; raise --max-new-tokens)",
                       file=sys.stderr)
             if interactive:

@@ -103,7 +103,7 @@ def documents(args):
 
 def run(args):
     from npllm import __version__
-    from npllm.score import (CorpusPerplexity, ScoreError, check_settings, corpus_stats,
+    from npllm.score import (BAR_FORMAT, CorpusPerplexity, ScoreError, check_settings, corpus_stats,
                              iter_scores, resolve_bos)
 
     texts, problems = documents(args)
@@ -114,16 +114,16 @@ def run(args):
     ok = []
     from tqdm import tqdm
     bar = tqdm(total=len(texts), unit="doc", desc="npllm perplexity", file=sys.stderr,
-               disable=args.quiet, dynamic_ncols=True)
+               disable=args.quiet, dynamic_ncols=True, bar_format=BAR_FORMAT)
     try:
         for i, r in iter_scores(model, texts, bos=bos, window=window, stride=stride,
                                 slide=not args.no_slide, batch_size=batch_size,
-                                split_special_tokens=args.split_special_tokens):
+                                split_special_tokens=args.split_special_tokens,
+                                on_progress=bar.update):
             if isinstance(r, ScoreError):
                 problems.append(f"document {i + 1}: {r}")
             else:
                 ok.append(r)
-            bar.update(1)
     finally:
         bar.close()
     if not ok:

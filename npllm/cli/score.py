@@ -654,7 +654,7 @@ def run(args):
 
 def score_items(args, items, fmt, source, out_path, locked):
     from npllm import __version__
-    from npllm.score import ScoreError, check_settings, iter_scores, resolve_bos
+    from npllm.score import BAR_FORMAT, ScoreError, check_settings, iter_scores, resolve_bos
 
     model = load_model(args)
     bos = resolve_bos(model, parse_bos(args.bos))
@@ -705,7 +705,8 @@ def score_items(args, items, fmt, source, out_path, locked):
     if args.file is not None or not args.texts:
         from tqdm import tqdm
         bar = tqdm(total=len(items) - len(skip), unit="text", desc="npllm score",
-                   file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
+                   file=sys.stderr, disable=args.quiet, dynamic_ncols=True,
+                   bar_format=BAR_FORMAT)
     failed = 0
     try:
         if resumed is None:
@@ -715,7 +716,8 @@ def score_items(args, items, fmt, source, out_path, locked):
                               base=base, window=window, stride=stride, slide=not args.no_slide,
                               batch_size=batch_size, with_rank=args.rank,
                               with_entropy=args.entropy, with_greedy=args.greedy, skip=skip,
-                              split_special_tokens=args.split_special_tokens)
+                              split_special_tokens=args.split_special_tokens,
+                              on_progress=None if bar is None else bar.update)
         for i, result in results:
             item = items[i]
             if item.error is not None:
@@ -728,8 +730,6 @@ def score_items(args, items, fmt, source, out_path, locked):
                 failed += 1
             else:
                 writer.score(item, result)
-            if bar is not None:
-                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
