@@ -42,3 +42,14 @@ class InputError(NpllmError):
 class OutputError(NpllmError):
     """An output file cannot be written: another run is writing it, it is a folder, or it is not
     a file that ``--resume`` can continue."""
+
+
+class ScoreError(NpllmError):
+    """A text that cannot be scored (empty, no continuation, too long, ...).
+
+    ``index`` is its position in the input (None for a single text).
+    """
+
+    def __init__(self, message, index=None):
+        super().__init__(message)
+        self.index = index

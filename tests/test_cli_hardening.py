@@ -32,7 +32,7 @@ def jsonl(text):
 
 
 def npllm_command(*argv, stdin=subprocess.DEVNULL, shell_suffix=""):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NPLLM_BACKEND": "numpy"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if shell_suffix:  # e.g. "<&-": the command run with stdin closed
         command = " ".join(map(_quote, [sys.executable, "-m", "npllm", *argv])) + shell_suffix
         return subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env,
@@ -58,7 +58,7 @@ def test_closed_stdin_is_one_line_and_exit_2(capsys, monkeypatch, folder, argv):
 
 
 def test_chat_with_stdin_closed_fails_before_loading_the_model(folder):
-    proc = npllm_command("chat", "-m", folder, shell_suffix=" <&-")
+    proc = npllm_command("chat", "-m", folder, "--backend", "numpy", shell_suffix=" <&-")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err.decode()
     assert err.decode().startswith("npllm chat: error: stdin is closed")
@@ -79,7 +79,7 @@ def test_two_writers_one_refused_the_other_complete(tmp_path, folder):
     path, n = _input(tmp_path)
     out = tmp_path / "same.jsonl"
     common = ["score", "-m", folder, "-f", path, "--format", "jsonl", "-q", "--batch-size", "1",
-              "-o", str(out)]
+              "--backend", "numpy", "-o", str(out)]  # about files, not numbers: no compiling
     procs = [npllm_command(*common) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
     statuses = sorted(status for status, _ in results)
@@ -95,7 +95,8 @@ def test_two_writers_one_refused_the_other_complete(tmp_path, folder):
 
 def test_two_resumes_at_once_lose_and_double_nothing(tmp_path, folder, capsys):
     path, n = _input(tmp_path, 200)
-    common = ["score", "-m", folder, "-f", path, "--format", "jsonl", "-q", "--batch-size", "1"]
+    common = ["score", "-m", folder, "-f", path, "--format", "jsonl", "-q", "--batch-size", "1",
+              "--backend", "numpy"]  # the same backend in this process and the two others
     whole = tmp_path / "whole.jsonl"
     assert run_cli(capsys, *common, "-o", str(whole))[0] == 0
     reference = whole.read_bytes()
