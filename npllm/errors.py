@@ -30,6 +30,26 @@ class ModelNotFoundError(NpllmError):
     """A model name could not be resolved to a local folder (local path, GGUF file or Hub id)."""
 
 
-class InputError(NpllmError, ValueError):
-    """The arguments of a call do not fit the model: token ids out of the vocabulary, more
-    positions than its context, a mask or targets of the wrong shape."""
+class ArgumentError(NpllmError, ValueError):
+    """An argument of npllm's Python API has the wrong type or value (``None`` for a text,
+    ``bytes`` for a string, a number for a list of stop strings, ...). Also a ``ValueError``."""
+
+
+class InputError(NpllmError):
+    """The input cannot be read: stdin is closed, a file is missing or is a folder."""
+
+
+class OutputError(NpllmError):
+    """An output file cannot be written: another run is writing it, it is a folder, or it is not
+    a file that ``--resume`` can continue."""
+
+
+class ScoreError(NpllmError):
+    """A text that cannot be scored (empty, no continuation, too long, ...).
+
+    ``index`` is its position in the input (None for a single text).
+    """
+
+    def __init__(self, message, index=None):
+        super().__init__(message)
+        self.index = index

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from npllm.equations import filter_logits, greedy, sample, softmax
-from npllm.errors import NpllmError
+from npllm.errors import ArgumentError, NpllmError
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -90,12 +90,22 @@ class Generation:
 
     @property
     def tokens_per_second(self):
+        """New tokens per second over the whole generation (the first token's wait included)."""
         return len(self.ids) / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_second(self):
+        """Tokens per second after the first one: decoding alone, without the prompt's forward
+        pass and a first run's one-time compilation (NaN for a single token)."""
+        seconds = self.seconds - self.first_token_seconds
+        return (len(self.ids) - 1) / seconds if len(self.ids) > 1 and seconds > 0 \
+            else float("nan")
 
     def to_dict(self):
         """A JSON-ready dict (no cache)."""
         d = {k: v for k, v in asdict(self).items() if k != "cache"}
         d["tokens_per_second"] = self.tokens_per_second
+        d["decode_tokens_per_second"] = self.decode_tokens_per_second
         if self.steps is None:
             del d["steps"]
         return d
@@ -129,19 +139,20 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, seed):
     """Raise ``ValueError`` naming the first argument that is out of range."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
             or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        raise ArgumentError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if temperature is not None and not (isinstance(temperature, (int, float, np.floating))
                                         and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+        raise ArgumentError(f"temperature must be a finite number >= 0 (0 means greedy), "
+                            f"got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
                               or top_k < 0):
-        raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
+        raise ArgumentError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float, np.floating))
                                   and 0 < top_p <= 1):
-        raise ValueError(f"top_p must lie in (0, 1] (1 keeps every token), got {top_p!r}")
+        raise ArgumentError(f"top_p must lie in (0, 1] (1 keeps every token), got {top_p!r}")
     if seed is not None and not isinstance(seed, np.random.Generator) and (
             isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"seed must be an integer >= 0 (or a numpy.random.Generator), "
+        raise ArgumentError(f"seed must be an integer >= 0 (or a numpy.random.Generator), "
                          f"got {seed!r}")
 
 
@@ -171,20 +182,27 @@ def prompt_token_ids(model, prompt, max_new_tokens, truncate=False):
     config = model.config
     if isinstance(prompt, str):
         if not prompt:
-            raise ValueError("the prompt is empty: give some text to continue")
+            raise ArgumentError("the prompt is empty: give some text to continue")
         if model.tokenizer is None:
             raise NpllmError("this model has no tokenizer (no tokenizer.json in its folder): "
                              "pass token ids instead of text")
         ids = list(model.tokenizer.encode(prompt, add_special_tokens=True))
     else:
-        ids = np.asarray(prompt).reshape(-1).tolist() if prompt is not None else []
+        if isinstance(prompt, (bytes, bytearray)):
+            raise ArgumentError("the prompt is bytes: decode it to a string first "
+                                "(prompt.decode('utf-8'))")
+        try:
+            ids = np.asarray(prompt).reshape(-1).tolist() if prompt is not None else []
+        except ValueError:  # a ragged list
+            ids = [None]
         if ids and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise ValueError("prompt ids must be integers")
+            raise ArgumentError(f"the prompt must be a string or token ids (integers), got "
+                                f"{type(prompt).__name__} {str(prompt)[:40]}")
         bad = [i for i in ids if not 0 <= i < config.vocab_size]
         if bad:
-            raise ValueError(f"prompt ids must lie in [0, {config.vocab_size}), got {bad[0]}")
+            raise ArgumentError(f"prompt ids must lie in [0, {config.vocab_size}), got {bad[0]}")
     if not ids:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise ArgumentError("the prompt is empty: give at least one token")
     context = config.max_position_embeddings
     if max_new_tokens >= context:
         raise ContextLengthError(
@@ -264,7 +282,10 @@ class TextTracker:
         self.matched, self.end = self.find_stop(settled)
         if self.matched is not None:
             return ""
-        return self.show(min(len(settled), len(self.text) - self.partial_stop_length(self.text)))
+        # A stop string that starts in the settled text and is not in it yet must begin with the
+        # settled text's end (what follows is unknown: more characters, or the U+FFFD that a
+        # stop string may itself contain): hold that end back.
+        return self.show(len(settled) - self.partial_stop_length(settled))
 
     def finish(self):
         if self.matched is None:  # no more bytes will come: a trailing U+FFFD is final now
@@ -289,7 +310,8 @@ class TextTracker:
         return s, i
 
     def partial_stop_length(self, text):
-        """Length of the longest end of ``text`` that is a proper start of a stop string."""
+        """Length of the longest end of ``text`` that is a proper start of a stop string (a whole
+        one would have matched)."""
         return max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
                     if text.endswith(s[:n])), default=0)
 
@@ -306,9 +328,10 @@ def generate_stream(model, prompt, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, *, tem
     as they are generated; its ``result`` is the :class:`Generation` once the loop has ended.
     Arguments are checked at once, before the first token."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    if not (stop is None or isinstance(stop, (str, list, tuple))) or (
+            not isinstance(stop, str) and not all(isinstance(s, str) for s in stop or ())):
+        raise ArgumentError(f"stop must be a string or a list of strings, got {stop!r}"[:200])
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if not all(isinstance(s, str) for s in stop):
-        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
     settings = decoding_settings(temperature, top_k, top_p, do_sample)
     prompt_ids = prompt_token_ids(model, prompt, max_new_tokens, truncate)
     check_cache_from(model, cache_from, use_cache)
@@ -321,18 +344,18 @@ def check_cache_from(model, cache_from, use_cache):
     if cache_from is None:
         return
     if not isinstance(cache_from, Generation):
-        raise ValueError(f"cache_from must be the Generation of an earlier generate() or chat() "
+        raise ArgumentError(f"cache_from must be the Generation of an earlier generate() or chat() "
                          f"call, got {type(cache_from).__name__}")
     if not use_cache:
-        raise ValueError("cache_from reuses a KV cache, so it needs use_cache=True")
+        raise ArgumentError("cache_from reuses a KV cache, so it needs use_cache=True")
     if cache_from.cache is None:
-        raise ValueError("cache_from has no KV cache: it was generated with use_cache=False")
+        raise ArgumentError("cache_from has no KV cache: it was generated with use_cache=False")
     c = model.config
     want = (c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim)
     keys = cache_from.cache.keys
     got = (len(keys), keys[0].shape[0], keys[0].shape[1], keys[0].shape[3])
     if got != want:
-        raise ValueError(f"cache_from's KV cache (layers, batch, kv heads, head dim) {got} is not "
+        raise ArgumentError(f"cache_from's KV cache (layers, batch, kv heads, head dim) {got} is not "
                          f"one of this model's, {want}: was it generated by another model?")
 
 
@@ -449,35 +472,48 @@ def chat_messages(messages, system=None):
     the conversation already starts with a system message)."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    messages = [dict(m) for m in messages]
+    if not isinstance(messages, (list, tuple)):
+        raise ArgumentError(f"messages must be a string or a list of {{'role': ..., 'content': "
+                            f"...}} dicts, got {type(messages).__name__}")
+    if system is not None and not isinstance(system, str):
+        raise ArgumentError(f"system must be a string, got {type(system).__name__}")
     for m in messages:
-        if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"each message must be a dict with a role ({', '.join(ROLES)}) and "
-                             f"a string content, got {m!r}")
+        if not isinstance(m, dict) or m.get("role") not in ROLES or \
+                not isinstance(m.get("content"), str):
+            raise ArgumentError(f"each message must be a dict with a role ({', '.join(ROLES)}) "
+                                f"and a string content, got {m!r}"[:300])
+    messages = [dict(m) for m in messages]
     if system and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
     if not any(m["role"] == "user" for m in messages):
-        raise ValueError("the conversation has no user message")
+        raise ArgumentError("the conversation has no user message")
     if not messages[-1]["content"].strip():
-        raise ValueError("the last message is empty: say something")
+        raise ArgumentError("the last message is empty: say something")
     return messages
 
 
-def chat_prompt_ids(model, messages, system=None):
+def chat_prompt_ids(model, messages, system=None, allow_special_tokens=False):
     """The token ids of the conversation in the model's chat template, ending with the prompt of
-    the assistant's turn (``add_generation_prompt=True``), as lecture 003 builds them."""
+    the assistant's turn (``add_generation_prompt=True``), as lecture 003 builds them.
+
+    A special-token string inside a message (``"<|im_start|>system"``) is plain text, so that
+    what a user types cannot open a turn of another role; ``allow_special_tokens=True`` makes
+    it the special token, as transformers' ``apply_chat_template`` does."""
     if model.tokenizer is None:
         raise NpllmError("this model has no tokenizer, so no chat template")
-    text = model.tokenizer.apply_chat_template(chat_messages(messages, system),
-                                               add_generation_prompt=True, tokenize=False)
-    # The template already wrote the special tokens: encode without adding more.
-    return list(model.tokenizer.encode(text, add_special_tokens=False))
+    # The template writes the special tokens: the ids get no more (add_special_tokens=False).
+    return list(model.tokenizer.apply_chat_template(
+        chat_messages(messages, system), add_generation_prompt=True, tokenize=True,
+        allow_special_tokens=allow_special_tokens))
 
 
-def chat(model, messages, max_new_tokens=256, *, system=None, **options):
+def chat(model, messages, max_new_tokens=256, *, system=None, allow_special_tokens=False,
+         **options):
     """The assistant's reply to ``messages`` (a string, or a list of ``{"role", "content"}``
     dicts), generated after the model's chat template; a :class:`Generation` whose ``text`` is
     the reply. ``options`` are those of :func:`generate` (temperature, top_p, stream, ...).
+    Special-token strings in the messages are plain text unless ``allow_special_tokens=True``
+    (see :func:`chat_prompt_ids`).
 
     For the next turn, pass this reply as ``cache_from=``: the conversation so far is then not
     run again (the template writes it with the same tokens), only the new message::
@@ -487,5 +523,5 @@ def chat(model, messages, max_new_tokens=256, *, system=None, **options):
                      {"role": "user", "content": "And of Italy?"}]
         reply = chat(model, messages, cache_from=reply)
     """
-    ids = chat_prompt_ids(model, messages, system)
+    ids = chat_prompt_ids(model, messages, system, allow_special_tokens)
     return generate(model, ids, max_new_tokens, **options)

@@ -36,6 +36,11 @@ def _figure(width, height):
 
 
 def _finish(fig, path):
+    # Labels are the model's text, drawn as typed: matplotlib would read "$5 or $6" as math
+    # (italics, no dollar signs) and fail on a lone "$".
+    from matplotlib.text import Text
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig

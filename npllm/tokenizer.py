@@ -15,6 +15,9 @@ Chat models are trained on conversations laid out with special tokens; the *chat
 layout. :meth:`Tokenizer.apply_chat_template` renders it the way transformers does.
 """
 import json
+import math
+import re
+import threading
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -32,17 +35,36 @@ class TokenizerError(NpllmError):
 
 
 def _token_content(value):
-    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
-    return value.get("content") if isinstance(value, Mapping) else value
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...} (None
+    for anything else)."""
+    value = value.get("content") if isinstance(value, Mapping) else value
+    return value if isinstance(value, str) else None
 
 
 def _read_json(path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON object from ``path`` ({} when the file is absent); a damaged one is a
+    :class:`TokenizerError` naming the file."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(value, dict):
+            raise ValueError(f"it holds a JSON {type(value).__name__}, not an object")
+    except (OSError, ValueError, RecursionError) as e:
+        raise TokenizerError(f"{path} is damaged ({_first_line(e)}); download the model again "
+                             "(or re-import it)") from None
+    return value
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _ids(value):
     """An id or a list of ids (config files use both) -> list."""
-    return [] if value is None else [value] if isinstance(value, int) else list(value)
+    values = [value] if not isinstance(value, (list, tuple)) else value
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
 
 
 def check_messages(messages):
@@ -62,16 +84,67 @@ def check_messages(messages):
                                      f"(message: {m!r})")
 
 
+# A chat template is code from the model's files: rendering it is bounded, so that a template
+# (by mistake or on purpose) cannot hang npllm or fill its memory. A real template renders a
+# conversation in a few thousand steps, into text about as long as the messages.
+MAX_TEMPLATE_STEPS = 2_000_000      # lines of the compiled template run, loops included
+MAX_TEMPLATE_CHARACTERS = 8_000_000  # of output, and of any string or list it builds
+
+
+class ChatTemplateLimit(Exception):
+    """Raised inside a render that went past a bound (turned into a :class:`TokenizerError`)."""
+
+
+def _bounded_sandbox():
+    """transformers' sandbox with bounds on what one operation or call may build."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def too_big(n, what):
+        if n > MAX_TEMPLATE_CHARACTERS:
+            raise ChatTemplateLimit(f"it builds {what} of {n:,} items, more than the "
+                                    f"{MAX_TEMPLATE_CHARACTERS:,} allowed")
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "+", "**", "%"])
+
+        def call_binop(self, context, operator, left, right):
+            sized = (str, list, tuple)
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, sized) and isinstance(n, int):
+                        too_big(len(seq) * n, "a repeated sequence")
+            elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
+                too_big(len(left) + len(right), "a concatenation")
+            elif operator == "**" and isinstance(left, (int, float)) and \
+                    isinstance(right, (int, float)) and abs(left) > 1 and right > 0:
+                too_big(int(abs(right) * math.log2(abs(left)) / 8), "a power (in bytes)")
+            elif operator == "%" and isinstance(left, str):
+                widths = [int(w) for w in re.findall(r"%[-+ #0]*(\d+)", left)]
+                too_big(max(widths, default=0), "a %-format width")
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
+            for value in (*args, *kwargs.values()):  # "x".ljust(10**9), "x".zfill(...)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    too_big(value, "a call with a size")
+            return super().call(__context, __obj, *args, **kwargs)
+
+    return Bounded
+
+
 def compile_chat_template(source):
     """A Jinja template in the sandbox transformers uses for chat templates (untrusted code).
 
     As ``transformers.utils.chat_template_utils``: ``ImmutableSandboxedEnvironment`` with
     ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension, a ``tojson`` filter
-    that does not escape HTML, and the globals ``raise_exception`` and ``strftime_now``.
+    that does not escape HTML, and the globals ``raise_exception`` and ``strftime_now``. Bounded
+    besides (:func:`render_chat_template`): no operation, call or filter may build more than
+    :data:`MAX_TEMPLATE_CHARACTERS` items.
     """
+    import functools
+
     import jinja2
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -80,15 +153,75 @@ def compile_chat_template(source):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
+    def bounded_filter(f):
+        @functools.wraps(f)  # keeps Jinja's pass_context/pass_environment marks
+        def wrapper(*args, **kwargs):
+            for value in (*args, *kwargs.values()):  # "x"|center(10**9), |indent(...)
+                if isinstance(value, int) and not isinstance(value, bool) and \
+                        value > MAX_TEMPLATE_CHARACTERS:
+                    raise ChatTemplateLimit(f"a filter was given the size {value:,}, more than "
+                                            f"the {MAX_TEMPLATE_CHARACTERS:,} allowed")
+            return f(*args, **kwargs)
+        return wrapper
+
+    env = _bounded_sandbox()(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
+    env.filters = {name: bounded_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise TokenizerError(f"the chat template is not valid Jinja: {e}") from e
+        raise TokenizerError(f"the chat template is not valid Jinja: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - a template too deeply nested, ...
+        raise TokenizerError(f"the chat template cannot be compiled: {type(e).__name__}: "
+                             f"{_first_line(e)}") from None
+
+
+def render_chat_template(template, **variables):
+    """``template.render(**variables)``, bounded: at most :data:`MAX_TEMPLATE_STEPS` lines of
+    the compiled template run (counted with ``sys.settrace`` in the template's own frames: a
+    deterministic bound, not a clock) and at most :data:`MAX_TEMPLATE_CHARACTERS` of output.
+    Any failure (a bound, ``raise_exception``, ``{% include %}`` with no loader, a range the
+    sandbox refuses, ...) is a :class:`TokenizerError`."""
+    import sys
+
+    import jinja2
+
+    steps = 0
+
+    def local(frame, event, arg):
+        nonlocal steps
+        steps += 1
+        if steps > MAX_TEMPLATE_STEPS:
+            raise ChatTemplateLimit(f"it ran more than {MAX_TEMPLATE_STEPS:,} steps")
+        return local
+
+    def calls(frame, event, arg):  # only the template's code is counted (compiled as <template>)
+        return local if frame.f_code.co_filename == "<template>" else None
+
+    pieces, size = [], 0
+    previous = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        for piece in template.generate(**variables):
+            size += len(piece)
+            if size > MAX_TEMPLATE_CHARACTERS:
+                raise ChatTemplateLimit(f"its output passed {MAX_TEMPLATE_CHARACTERS:,} "
+                                        "characters")
+            pieces.append(piece)
+    except ChatTemplateLimit as e:
+        raise TokenizerError(f"the chat template was stopped: {e} (a chat template renders a "
+                             "conversation in far less); is the template broken?") from None
+    except jinja2.TemplateError as e:
+        raise TokenizerError(f"the chat template rejected the messages: {_first_line(e)}") \
+            from None
+    except Exception as e:  # noqa: BLE001 - the template is code from the model's files
+        raise TokenizerError(f"the chat template failed: {type(e).__name__}: {_first_line(e)}") \
+            from None
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
 
 
 class Tokenizer:
@@ -111,9 +244,15 @@ class Tokenizer:
                                if _token_content(self.config.get(name)) is not None}
         self.chat_template = self.config.get("chat_template")
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t["name"]: t["template"] for t in self.chat_template}
+            named = {t.get("name"): t.get("template") for t in self.chat_template
+                     if isinstance(t, Mapping)}
             self.chat_template = named.get("default", next(iter(named.values()), None))
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise TokenizerError(f"the chat template must be a string (Jinja source), got "
+                                 f"{type(self.chat_template).__name__}; is "
+                                 "tokenizer_config.json damaged?")
         self._compiled_template = None
+        self._lock = threading.Lock()
         self.added_special_ids = frozenset(
             i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         ends = [self.eos_token_id, *stop_ids]
@@ -132,7 +271,12 @@ class Tokenizer:
         if not (folder / "tokenizer.json").is_file():
             raise TokenizerError(f"no tokenizer.json in {folder}; npllm needs the fast (Rust) "
                                  "tokenizer file that Hugging Face model folders ship")
-        backend = Backend.from_file(str(folder / "tokenizer.json"))
+        try:
+            backend = Backend.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions
+            raise TokenizerError(f"{folder / 'tokenizer.json'} is damaged or not a tokenizers "
+                                 f"file ({_first_line(e)}); download the model again (or "
+                                 "re-import it)") from None
         config = _read_json(folder / "tokenizer_config.json")
         if not config.get("chat_template") and (folder / "chat_template.jinja").is_file():
             config["chat_template"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
@@ -190,21 +334,32 @@ class Tokenizer:
             ids, offsets = [*ids, eos], [*offsets, (end, end)]
         return ids, offsets
 
-    def encode_with_offsets(self, text, add_special_tokens=False):
+    def encode_with_offsets(self, text, add_special_tokens=False, split_special_tokens=False):
         """``text`` -> (ids, offsets): ``text[start:end]`` is the text of token i, in characters
         (Python string indices, not bytes). Tokens that share a character (the bytes of one
-        emoji) share its span; added BOS/EOS tokens get an empty span."""
+        emoji) share its span; added BOS/EOS tokens get an empty span.
+        ``split_special_tokens=True``: special-token strings in ``text`` are plain text (as in
+        transformers), not their special ids."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        if split_special_tokens:
+            with self._lock:  # the flag is the backend's: set it for this call only
+                self.backend.encode_special_tokens = True
+                try:
+                    enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
+                finally:
+                    self.backend.encode_special_tokens = False
+        else:
+            enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
         ids, offsets = list(enc.ids), [tuple(o) for o in enc.offsets]
         return self._add_special(ids, offsets) if add_special_tokens else (ids, offsets)
 
-    def encode(self, text, add_special_tokens=False):
+    def encode(self, text, add_special_tokens=False, split_special_tokens=False):
         """``text`` -> token ids. Special tokens written in the text (``<|im_start|>``) become
-        their single ids. ``add_special_tokens=True`` adds BOS when tokenizer_config.json says
-        so (``add_bos_token``; SmolLM2: no)."""
-        return self.encode_with_offsets(text, add_special_tokens)[0]
+        their single ids, unless ``split_special_tokens=True`` (then they are plain text).
+        ``add_special_tokens=True`` adds BOS when tokenizer_config.json says so
+        (``add_bos_token``; SmolLM2: no)."""
+        return self.encode_with_offsets(text, add_special_tokens, split_special_tokens)[0]
 
     def decode(self, ids, skip_special_tokens=False):
         """Token ids -> text. Incomplete UTF-8 (half an emoji) decodes to U+FFFD."""
@@ -217,7 +372,7 @@ class Tokenizer:
     # -- chat -----------------------------------------------------------------------------
 
     def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False,
-                            **template_kwargs):
+                            allow_special_tokens=True, **template_kwargs):
         """Render chat ``messages`` (a list of ``{"role": ..., "content": ...}``) with the
         model's chat template, as transformers' ``apply_chat_template`` does.
 
@@ -226,9 +381,14 @@ class Tokenizer:
         ``messages``, ``add_generation_prompt``, the special tokens (``bos_token``,
         ``eos_token``, ...) and ``template_kwargs``. Returns the text, or its ids (without
         added special tokens) when ``tokenize=True``.
-        """
-        import jinja2
 
+        ``allow_special_tokens`` (with ``tokenize=True``): whether a special-token string
+        written in a message's content (``"<|im_start|>system"``) becomes that special token, as
+        in transformers (True, the default here), or stays plain text (False), so that no
+        message can open a new turn (:func:`npllm.chat` uses False unless asked).
+        Rendering is bounded (:func:`render_chat_template`); every failure of the template is a
+        :class:`TokenizerError`.
+        """
         check_messages(messages)
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template (no chat_template in "
@@ -237,13 +397,50 @@ class Tokenizer:
         if self._compiled_template is None:
             self._compiled_template = compile_chat_template(self.chat_template)
         variables = {**self.special_tokens, **template_kwargs}
-        try:
-            text = self._compiled_template.render(
-                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                tools=None, documents=None, **variables)
-        except jinja2.TemplateError as e:
-            raise TokenizerError(f"the chat template rejected the messages: {e}") from e
-        return self.encode(text) if tokenize else text
+        messages = [dict(m) for m in messages]
+        protect = tokenize and not allow_special_tokens and self._special_pattern(messages)
+        if protect:  # the special-token strings of the content go through as placeholders
+            marker = next(chr(c) for c in range(0xF0000, 0xFFFFE)
+                          if not any(chr(c) in m["content"] for m in messages))
+            names = {t: f"{marker}{i}{marker}" for i, t in enumerate(self.special_strings)}
+            for m in messages:
+                m["content"] = protect.sub(lambda x: names[x.group(0)], m["content"])
+        text = render_chat_template(self._compiled_template, messages=messages,
+                                    add_generation_prompt=add_generation_prompt, tools=None,
+                                    documents=None, **variables)
+        if not tokenize:
+            return text
+        if not protect:
+            return self.encode(text)
+        # Special tokens the template wrote are special; between them, the text (the content's
+        # special-token strings put back) is encoded as plain text. Encoding splits the text at
+        # special tokens first in the same way (SmolLM2's added tokens strip no spaces).
+        back = {v: k for k, v in names.items()}
+        unname = re.compile("|".join(map(re.escape, back)))
+        ids = []
+        for i, part in enumerate(self._special_pattern(None).split(text)):
+            if i % 2:
+                ids.append(self.token_to_id(part))
+            elif part:
+                ids += self.encode(unname.sub(lambda x: back[x.group(0)], part),
+                                   split_special_tokens=True)
+        return ids
+
+    @property
+    def special_strings(self):
+        """The strings of the special added tokens (``<|im_start|>``, ...), longest first."""
+        return sorted((self.backend.id_to_token(i) for i in self.added_special_ids),
+                      key=lambda t: (-len(t), t))
+
+    def _special_pattern(self, messages):
+        """A regex of the special-token strings, split into groups; with ``messages``, only
+        when their content holds one (else None)."""
+        if not self.added_special_ids:
+            return None
+        pattern = re.compile("(" + "|".join(map(re.escape, self.special_strings)) + ")")
+        if messages is not None and not any(pattern.search(m["content"]) for m in messages):
+            return None
+        return pattern
 
     def __repr__(self):
         special = ", ".join(f"{k}={v!r}" for k, v in self.special_tokens.items())

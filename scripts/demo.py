@@ -35,7 +35,8 @@ def main():
     print(f"user: {question}\nassistant: ", end="", flush=True)
     reply = npllm.chat(model, question, max_new_tokens=40,
                  stream=lambda piece: print(piece, end="", flush=True))
-    print(f"\n({len(reply.ids)} tokens, {reply.tokens_per_second:.1f} tokens/s)")
+    from npllm.cli.generate import summary
+    print(f"\n({summary(reply)})")  # the first token's wait holds the one-time compilation
     print("\nNext: `.venv/bin/npllm score --help`, `.venv/bin/npllm chat`, docs/.")
     return 0
 

@@ -100,14 +100,14 @@ def test_generate_chat_flag_and_stop(capsys, tiny):
 
 BAD_INPUT = [
     (["generate", "-n", "-1", "hi"], "max_new_tokens must be a positive integer"),
-    (["generate", "--temperature", "-0.5", "hi"], "temperature must be a number >= 0"),
+    (["generate", "--temperature", "-0.5", "hi"], "temperature must be a finite number >= 0"),
     (["generate", "--top-k", "-2", "hi"], "top_k must be an integer >= 0"),
     (["generate", "--top-p", "0", "hi"], "top_p must lie in (0, 1]"),
     (["generate", "--top-p", "1.5", "hi"], "top_p must lie in (0, 1]"),
     (["generate", ""], "the prompt is empty"),
     (["generate", "-m", "no-such-org/no-such-model", "hi"], "no-such-org/no-such-model"),
     (["chat", "-n", "-3"], "max_new_tokens must be a positive integer"),
-    (["chat", "--temperature", "-1"], "temperature must be a number >= 0"),
+    (["chat", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["chat", "--top-k", "-1"], "top_k must be an integer >= 0"),
     (["chat", "--top-p", "2"], "top_p must lie in (0, 1]"),
     (["chat", "-m", "no-such-org/no-such-model"], "no-such-org/no-such-model"),

@@ -187,7 +187,10 @@ def test_jsonl_fields_unknown_fields_and_malformed_lines(capsys, tmp_path, folde
     assert meta["input_format"] == "jsonl"
     assert [r["type"] for r in records] == ["score", "score", "error", "error", "error", "error",
                                             "error", "score"]
-    errors = {r["id"]: r["error"] for r in records if r["type"] == "error"}
+    errors = {r["id"] if r["id"] is not None else r["line"]: r["error"] for r in records
+              if r["type"] == "error"}
+    # a line whose id cannot be read has none (null), never its line number (issue 18)
+    assert [r["id"] for r in records if r["line"] in (3, 7)] == [None, None]
     assert errors[3].startswith("line 3 is not valid JSON: Unterminated string")
     assert errors["d"] == ("line 4 has no field 'sentence' for the text (its fields: item, "
                            "text)")

@@ -251,6 +251,9 @@ def test_multibyte_characters_are_streamed_whole(tokenizer):
 # the stop string; the half character "\xc2" seen while decoding must not match it early.
 @example(ids=[3] * 16 + [129, 97, 259, 259, 281, 293, 314, 324, 333, 349, 367, 373, 382, 97],
          stop_at=54, stop_len=1)
+# Found by the dev profile (issue 18): the stop string "!\ufffd" ends with a half character;
+# "!" was shown when the U+FFFD arrived, then the finished text matched the stop string.
+@example(ids=[3, 97], stop_at=0, stop_len=2)
 def test_tracker_invariants(tokenizer, ids, stop_at, stop_len):
     """Whatever the bytes (lone continuation bytes, half characters) and wherever the stop
     string: the shown pieces concatenate to the final text, which is the decoded text cut before

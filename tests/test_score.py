@@ -19,7 +19,7 @@ from tiny_models import CORPUS, load_reference, tiny_llama
 
 import npllm
 from npllm.score import (CHUNK_CHARACTERS, MAX_BATCH_TOKENS, SORT_BATCHES, ScoreError,
-                         TextScore, _prepare, batch_plan, chunks, corpus_perplexity, iter_scores,
+                         TextScore, prepare, batch_plan, chunks, corpus_perplexity, iter_scores,
                          resolve_bos, score)
 
 PIECES = list("abcdefghijklmnopqrstuvwxyz      .,!?'\n0123456789") + [
@@ -125,7 +125,7 @@ def test_bos_auto_follows_add_bos_token(tmp_path):
     assert s.token_ids[0] != 1 and s.bos_added  # prepended once, not by the tokenizer as well
     long = score(model, CORPUS[:400], window=32, stride=16)
     assert long.slid
-    prep = _prepare(0, CORPUS[:400], None, model.tokenizer, bos, 32, 16, True)
+    prep = prepare(0, CORPUS[:400], None, model.tokenizer, bos, 32, 16, True)
     assert all(row.ids[0] == 1 for row in prep.rows)  # every window starts with the BOS
     assert max(long.context_lengths) <= 32
 
@@ -385,7 +385,7 @@ def test_sliding_window_predicts_each_token_once_with_the_reported_context(tiny,
     stride = 1 + int(stride_frac * (window - 2))
     text = CORPUS[start:start + 120]
     choice = resolve_bos(model, "auto" if bos else "none")
-    prep = _prepare(0, text, None, model.tokenizer, choice, window, stride, True)
+    prep = prepare(0, text, None, model.tokenizer, choice, window, stride, True)
     predicted = np.concatenate([row.token_index for row in prep.rows])
     first_scored = 0 if bos else 1
     assert sorted(predicted) == list(range(first_scored, len(prep.ids)))  # each exactly once

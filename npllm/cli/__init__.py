@@ -26,6 +26,15 @@ def add_model_argument(parser):
                              "old name); the same numbers. Also NPLLM_ENGINE")
 
 
+def stdin_is_terminal(closed_message):
+    """Whether stdin is a terminal (False: a pipe or a file). ``closed_message`` is the error
+    when there is no stdin at all (``npllm chat <&-``: Python's ``sys.stdin`` is then None)."""
+    from npllm.errors import InputError
+    if sys.stdin is None:
+        raise InputError(f"stdin is closed: {closed_message}")
+    return sys.stdin.isatty()
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="npllm",

@@ -16,13 +16,14 @@ COMMANDS = {"/reset": "forget the conversation so far (the system message stays)
 
 
 def add_parser(sub):
-    from npllm.cli.generate import add_sampling_arguments
+    from npllm.cli.generate import add_sampling_arguments, add_special_tokens_argument
     p = sub.add_parser(
         "chat", help="a multi-turn conversation using the model's chat template",
         description="Chat with the model. In a terminal, type a message and press Enter; from a "
                     "pipe, every line is one user message. Commands: "
                     + "; ".join(f"{c}: {h}" for c, h in COMMANDS.items()) + ".")
     add_sampling_arguments(p, max_new_tokens=256)
+    add_special_tokens_argument(p)
     p.add_argument("-s", "--system", default=None, metavar="TEXT",
                    help="the system message (default: the chat template's own, if any)")
     p.add_argument("--json", action="store_true",
@@ -47,15 +48,16 @@ def read_messages(interactive):
 def run(args):
     import numpy as np
 
-    import npllm
-    from npllm.cli.generate import sampling_options
+    from npllm.cli import stdin_is_terminal
+    from npllm.cli.generate import load_model, sampling_options
     from npllm.generate import ContextLengthError, chat
 
     options = sampling_options(args)
+    interactive = stdin_is_terminal("npllm chat reads its messages from stdin (a terminal or a "
+                                    "pipe); give it one, e.g. echo Hello | npllm chat")
     # One generator for the whole conversation: with --seed, every reply can be repeated.
     options["seed"] = np.random.default_rng(args.seed)
-    model = npllm.load(args.model, backend=args.backend)
-    interactive = sys.stdin.isatty()
+    model = load_model(args)
     if interactive:
         print(f"Chatting with {model.source}. Type a message; /reset starts over, /quit ends.",
               file=sys.stderr)
@@ -84,7 +86,8 @@ def run(args):
         stream = None if args.json else _print_piece
         try:
             result = chat(model, messages, args.max_new_tokens, system=args.system,
-                          stream=stream, cache_from=last, **options)
+                          stream=stream, cache_from=last,
+                          allow_special_tokens=args.allow_special_tokens, **options)
         except ContextLengthError as e:
             print(f"npllm chat: error: {e}. Type /reset to start over.", file=sys.stderr)
             failed = True
@@ -104,7 +107,7 @@ def run(args):
                               "seconds": result.seconds}, ensure_ascii=False), flush=True)
         else:
             print(flush=True)
-            if result.finish_reason == "length":
+            if result.finish_reason == "length" and not args.quiet:
                 print(f"(reply cut after {len(result.ids)} tokens; raise --max-new-tokens)",
                       file=sys.stderr)
             if interactive:

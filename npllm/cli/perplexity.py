@@ -8,6 +8,8 @@ import json
 import re
 import sys
 
+from npllm.cli import stdin_is_terminal
+from npllm.errors import InputError
 from npllm.cli.score import (DEFAULT_MODEL, EXIT_SOME_FAILED, add_input_arguments,
                              add_scoring_arguments, decode, input_format, load_model,
                              parse_bos, read_items, read_lines)
@@ -60,16 +62,17 @@ def documents(args):
     """(texts, problems): the documents of every input file, and the lines that failed."""
     paths = list(args.files) + ([args.file] if args.file else [])
     if not paths:
-        if sys.stdin.isatty():
+        if stdin_is_terminal("give a FILE to measure"):
             raise ValueError("give a FILE to measure (or '-' / a pipe for stdin)")
         paths = ["-"]
-    texts, problems = [], []
+    texts, problems, any_line = [], [], False
     for path in paths:
         if input_format(args, path) != "text":
             if args.split != "line":
                 raise ValueError("--split applies to plain-text input; JSONL/TSV hold one "
                                  "document per record")
             items, _ = read_items(args, path)
+            any_line = any_line or bool(items)
             for item in items:
                 if item.error:
                     problems.append(f"{path}: {item.error}")
@@ -77,6 +80,7 @@ def documents(args):
                     texts.append(item.text)
             continue
         lines = read_lines(path)
+        any_line = any_line or bool(lines)
         good = []
         for n, raw in enumerate(lines, 1):
             text, error = decode(raw, n)
@@ -90,31 +94,36 @@ def documents(args):
             texts += [p.strip("\n") for p in re.split(r"\n\s*\n", "\n".join(good)) if p.strip()]
         elif "\n".join(good).strip():
             texts.append("\n".join(good))
+    if not texts and not problems:
+        shown = ", ".join("stdin" if p == "-" else p for p in paths)
+        raise InputError(f"nothing to score: {shown} "
+                         + ("is empty" if not any_line else "has only blank lines"))
     return texts, problems
 
 
 def run(args):
     from npllm import __version__
-    from npllm.score import (CorpusPerplexity, ScoreError, _check_settings, corpus_stats,
+    from npllm.score import (BAR_FORMAT, CorpusPerplexity, ScoreError, check_settings, corpus_stats,
                              iter_scores, resolve_bos)
 
     texts, problems = documents(args)
     model = load_model(args)
     bos = resolve_bos(model, parse_bos(args.bos))
-    _, window, stride, batch_size = _check_settings(model, "e", args.window, args.stride,
+    _, window, stride, batch_size = check_settings(model, "e", args.window, args.stride,
                                                     args.batch_size)
     ok = []
     from tqdm import tqdm
     bar = tqdm(total=len(texts), unit="doc", desc="npllm perplexity", file=sys.stderr,
-               disable=args.quiet, dynamic_ncols=True)
+               disable=args.quiet, dynamic_ncols=True, bar_format=BAR_FORMAT)
     try:
         for i, r in iter_scores(model, texts, bos=bos, window=window, stride=stride,
-                                slide=not args.no_slide, batch_size=batch_size):
+                                slide=not args.no_slide, batch_size=batch_size,
+                                split_special_tokens=args.split_special_tokens,
+                                on_progress=bar.update):
             if isinstance(r, ScoreError):
                 problems.append(f"document {i + 1}: {r}")
             else:
                 ok.append(r)
-            bar.update(1)
     finally:
         bar.close()
     if not ok:

@@ -84,24 +84,30 @@ def add_parser(sub):
 
 
 def _text(args):
-    return sys.stdin.read() if args.text == "-" else args.text
+    if args.text == "-":
+        from npllm.cli import stdin_is_terminal
+        stdin_is_terminal("give the text as an argument instead of '-'")
+        return sys.stdin.read()
+    return args.text
 
 
 def run(args):
     import npllm
     from npllm import plot
 
+    text = _text(args) if args.kind in ("attention", "heads", "next-token", "logit-lens") \
+        else None  # read before the model is loaded: a closed stdin fails at once
     model = npllm.load(args.model, backend=args.backend)
     path = args.output or f"{args.kind}.png"
     if args.kind == "attention":
-        plot.attention(model, _text(args), args.layer, args.head, args.chat, path=path)
+        plot.attention(model, text, args.layer, args.head, args.chat, path=path)
     elif args.kind == "heads":
-        plot.heads(model, _text(args), args.layer, args.chat, path=path)
+        plot.heads(model, text, args.layer, args.chat, path=path)
     elif args.kind == "next-token":
-        plot.next_token(model, _text(args), args.k, args.temperature, args.top_k, args.top_p,
+        plot.next_token(model, text, args.k, args.temperature, args.top_k, args.top_p,
                         args.chat, path=path)
     elif args.kind == "logit-lens":
-        plot.logit_lens(model, _text(args), chat=args.chat, path=path)
+        plot.logit_lens(model, text, chat=args.chat, path=path)
     elif args.kind == "embeddings":
         plot.embeddings(model, args.texts, args.compare, args.hidden_state, args.positional,
                         args.C, path=path)

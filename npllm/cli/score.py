@@ -11,12 +11,16 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from npllm.errors import InputError, OutputError
+
 EXIT_SOME_FAILED = 1
+UTF8_BOM = b"\xef\xbb\xbf"
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 EPILOG = """\
@@ -127,6 +131,11 @@ def add_scoring_arguments(p):
                          "is scored once with at least window - stride tokens of context")
     sc.add_argument("--no-slide", action="store_true",
                     help="make texts longer than the window an error instead of sliding")
+    sc.add_argument("--split-special-tokens", action="store_true",
+                    help="score special-token strings written in a text (such as "
+                         "'<|im_start|>') as plain text, their characters' ordinary tokens "
+                         "(default: as the special tokens, the way chat transcripts were "
+                         "trained)")
     sc.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                     help=f"texts per forward pass (default {DEFAULT_BATCH_SIZE}); padding does "
                          "not change the numbers")
@@ -159,9 +168,15 @@ def input_format(args, path):
 def read_lines(path):
     """The lines of FILE (or stdin for '-') as bytes, without their line ends."""
     if path == "-":
+        from npllm.cli import stdin_is_terminal
+        stdin_is_terminal("give texts as arguments or with -f FILE")
         data = sys.stdin.buffer.read()
     else:
+        if Path(path).is_dir():
+            raise InputError(f"{path} is a folder: give a file to read")
         data = Path(path).read_bytes()
+    if data.startswith(UTF8_BOM):  # what some editors put first: not text to score
+        data = data[len(UTF8_BOM):]
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -189,12 +204,24 @@ def field_value(record, name, what, n):
     return record[name]
 
 
+def check_id(value, name, n):
+    """A record's id: a string or a whole number (JSON true, 7.0, null or an object would
+    print alike in TSV or be unreadable by a later --resume)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise LookupError(f"line {n}: field {name!r} (the id) must be a non-empty string or a "
+                          f"whole number, got {json.dumps(value)[:40]}")
+    return value
+
+
 def make_item(record, n, text_field, context_field, id_field):
-    """An Item from one JSONL object or TSV row (a dict)."""
+    """An Item from one JSONL object or TSV row (a dict). Its id is the --id-field's value, else
+    the line number; a line whose id cannot be read has none (None), so that it never takes
+    the id of another line."""
     item_id = n
     try:
         if id_field:
-            item_id = field_value(record, id_field, "id", n)
+            item_id = None
+            item_id = check_id(field_value(record, id_field, "id", n), id_field, n)
         text = field_value(record, text_field, "text", n)
         context = field_value(record, context_field, "context", n) if context_field else None
     except LookupError as e:
@@ -210,20 +237,23 @@ def make_item(record, n, text_field, context_field, id_field):
 
 def parse_jsonl(lines, text_field, context_field, id_field):
     for n, raw in enumerate(lines, 1):
+        no_id = None if id_field else n  # a line number is no user id: it could be one
         line, error = decode(raw, n)
         if error:
-            yield Item(n, n, error=error)
+            yield Item(no_id, n, error=error)
             continue
         if not line.strip():
-            yield Item(n, n, error=f"line {n} is empty (expected a JSON object)")
+            yield Item(no_id, n, error=f"line {n} is empty (expected a JSON object)")
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield Item(n, n, error=f"line {n} is not valid JSON: {e.msg} (column {e.colno})")
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = f"{e.msg} (column {e.colno})" if isinstance(e, json.JSONDecodeError) else \
+                "nested too deeply"
+            yield Item(no_id, n, error=f"line {n} is not valid JSON: {why}")
             continue
         if not isinstance(record, dict):
-            yield Item(n, n, error=f"line {n} is not a JSON object: {line[:40]}")
+            yield Item(no_id, n, error=f"line {n} is not a JSON object: {line[:40]}")
             continue
         yield make_item(record, n, text_field, context_field, id_field)
 
@@ -240,13 +270,14 @@ def parse_tsv(lines, text_field, context_field, id_field):
             raise ValueError(f"the TSV header has no column {name!r} for the {what} (its "
                              f"columns: {', '.join(columns)}); choose one with --{what}-field")
     for n, raw in enumerate(lines[1:], 2):
+        no_id = None if id_field else n
         line, error = decode(raw, n)
         if error:
-            yield Item(n, n, error=error)
+            yield Item(no_id, n, error=error)
             continue
         cells = line.split("\t")
         if len(cells) != len(columns):
-            yield Item(n, n, error=f"line {n} has {len(cells)} tab-separated cells, the header "
+            yield Item(no_id, n, error=f"line {n} has {len(cells)} tab-separated cells, the header "
                                    f"has {len(columns)}")
             continue
         yield make_item(dict(zip(columns, cells)), n, text_field, context_field, id_field)
@@ -264,6 +295,7 @@ def read_items(args, path):
 
 
 def gather_items(args):
+    from npllm.cli import stdin_is_terminal
     if args.texts and args.file:
         raise ValueError("give texts as arguments or with -f FILE, not both")
     if args.texts:
@@ -274,7 +306,7 @@ def gather_items(args):
             "arguments", "arguments"
     else:
         path = args.file or "-"
-        if path == "-" and sys.stdin.isatty():
+        if path == "-" and stdin_is_terminal("give texts as arguments or with -f FILE"):
             raise ValueError("nothing to score: give texts as arguments, -f FILE, or pipe "
                              "text into stdin (a text per line)")
         items, fmt = read_items(args, path)
@@ -284,8 +316,12 @@ def gather_items(args):
             raise ValueError("give --context or --context-field, not both")
         for item in items:
             item.context = args.context
+    if not items:
+        raise InputError(f"nothing to score: {source} is empty")
     seen = {}
     for item in items:  # ids identify records for --resume: they must be unique
+        if item.id is None:  # a line whose id could not be read
+            continue
         key = str(item.id)
         if item.error is None and key in seen:
             item.error = (f"line {item.line}: id {item.id!r} was already used at line "
@@ -333,39 +369,45 @@ class JsonlWriter:
                      "text": item.text, "context": item.context})
 
     @staticmethod
-    def read_done(path, metadata):
-        """(ids done, errors among them, byte length of the complete records) of a JSONL file."""
-        data = path.read_bytes()
-        lines, keep, done, errors = data.split(b"\n"), 0, Counter(), 0
+    def read_records(data, metadata, path):
+        """A JSONL file's records: ``(head, [(key, is_error, raw bytes)], dropped bytes)``.
+        ``head`` is the metadata line; reading stops at the first line that is not a complete
+        record (the half line a killed run leaves), whose bytes and the rest are dropped."""
+        lines, records, end = data.split(b"\n"), [], 0
         for i, raw in enumerate(lines[:-1]):  # the piece after the last newline is incomplete
             try:
                 record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 if i == 0:
-                    raise ValueError(f"{path} does not start with npllm's metadata record: not "
-                                     "an npllm score file; give another -o FILE") from None
+                    raise OutputError(f"{path} does not start with npllm's metadata record: not "
+                                      "an npllm score file; give another -o FILE") from None
                 break
             if i == 0:
                 check_metadata(record, metadata, path)
-            elif record.get("type") in ("score", "error"):
-                done[JsonlWriter.key(record["id"])] += 1
-                errors += record["type"] == "error"
-            keep += len(raw) + 1
-        return done, errors, keep
+            elif record.get("type") in ("score", "error") and "id" in record:
+                records.append((JsonlWriter.key(record["id"]), record["type"] == "error",
+                                raw + b"\n"))
+            else:
+                break
+            end += len(raw) + 1
+        return lines[0] + b"\n", records, len(data) - end
 
 
 def check_metadata(found, wanted, path):
     if found.get("type") != "metadata":
-        raise ValueError(f"{path} does not start with npllm's metadata record: not an npllm "
-                         "score file; give another -o FILE")
+        raise OutputError(f"{path} does not start with npllm's metadata record: not an npllm "
+                          "score file; give another -o FILE")
     keys = ("source", "bos", "base", "window", "stride", "slide", "batch_size", "extras",
-            "input_format", "fields", "context")
-    diff = [k for k in keys if found.get(k) != wanted.get(k)]
+            "input_format", "fields", "context", "split_special_tokens")
+    defaults = {"split_special_tokens": False}  # files written before the option existed
+    diff = [k for k in keys if found.get(k, defaults.get(k)) != wanted.get(k)]
     if diff:
         shown = "; ".join(f"{k}: {json.dumps(found.get(k))} in the file, "
                           f"{json.dumps(wanted.get(k))} now" for k in diff)
-        raise ValueError(f"cannot resume {path}: it was written with other settings ({shown}); "
-                         "rerun with the same options, or write a new file")
+        raise OutputError(f"cannot resume {path}: it was written with other settings ({shown}); "
+                          "rerun with the same options, or write a new file")
 
 
 class TsvWriter:
@@ -413,36 +455,37 @@ class TsvWriter:
         n = len(self.columns())
         self._write([[item.id, item.line] + [None] * (n - 3) + [message]])
 
-    def read_done(self, path, metadata):
-        """Like JsonlWriter.read_done; the last id's rows are dropped (they may be partial)."""
-        data = path.read_bytes()
+    def read_records(self, data, metadata, path):
+        """Like :meth:`JsonlWriter.read_records`, a record being the rows of one id; the last
+        id's rows are dropped too (the rows of a record are one write, which a kill may cut at
+        a line end)."""
         lines = data.split(b"\n")
         header = "\t".join(self.columns()).encode()
         if len(lines) < 2:  # not even the header was finished
-            return Counter(), 0, 0
+            return None, [], len(data)
         try:
             found = json.loads(self.meta_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            raise ValueError(f"cannot resume {path}: its settings file {self.meta_path} is "
-                             "missing or damaged; write a new file") from None
+            if not isinstance(found, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError, RecursionError):
+            raise OutputError(f"cannot resume {path}: its settings file {self.meta_path} is "
+                              "missing or damaged; write a new file") from None
         check_metadata(found, metadata, path)
         if lines[0] != header:
-            raise ValueError(f"cannot resume {path}: its header is not the one these options "
-                             "write; rerun with the same options, or write a new file")
-        groups = []  # (id, is_error, end byte) per consecutive id
-        offset = len(lines[0]) + 1
+            raise OutputError(f"cannot resume {path}: its header is not the one these options "
+                              "write; rerun with the same options, or write a new file")
+        groups = []  # [key, is_error, rows] per consecutive id
         for raw in lines[1:-1]:
             cells = raw.split(b"\t")
-            offset += len(raw) + 1
             key, is_error = cells[0], cells[-1] != b"NA"
             if groups and groups[-1][0] == key and not is_error and not groups[-1][1]:
-                groups[-1][2] = offset
+                groups[-1][2].append(raw)
             else:
-                groups.append([key, is_error, offset])
-        groups = groups[:-1]
-        done = Counter(g[0].decode("utf-8") for g in groups)
-        keep = groups[-1][2] if groups else len(lines[0]) + 1
-        return done, sum(g[1] for g in groups), keep
+                groups.append([key, is_error, [raw]])
+        records = [(key.decode("utf-8", "replace"), is_error,
+                    b"".join(r + b"\n" for r in rows)) for key, is_error, rows in groups[:-1]]
+        end = len(lines[0]) + 1 + sum(len(raw) for _, _, raw in records)
+        return lines[0] + b"\n", records, len(data) - end
 
 
 class TableWriter:
@@ -481,6 +524,98 @@ class TableWriter:
         self.stream.flush()
 
 
+# -- the output file: one writer at a time, resumed without losing or doubling a record ----------
+
+def lock_output(path):
+    """Open ``path`` for writing (created if missing, never truncated here) and lock it against
+    other npllm runs (an exclusive ``flock``); the open binary file.
+
+    A second run writing the same file is refused at once, before it loads a model. The lock
+    belongs to the file the path names when it is taken: a path that a resumed run meanwhile
+    replaced with its compacted copy (see :func:`resume_output`) is opened again.
+    """
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder: give -o a file name")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; a second writer is not detected there
+        fcntl = None
+    for _ in range(3):
+        f = open(path, "a+b")
+        if fcntl is None:
+            return f
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise OutputError(f"{path} is being written by another npllm run: wait for it to "
+                              "finish (then --resume continues it), or give another -o FILE") \
+                from None
+        try:
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
+    raise OutputError(f"{path} keeps being replaced by another program; give another -o FILE")
+
+
+@dataclass
+class Resumed:
+    """What ``--resume`` found in the output file: the keys of the records it kept."""
+    done: set
+    kept: int = 0
+    dropped_bytes: int = 0
+    errors: int = 0
+
+    def report(self, path, to_score):
+        parts = [f"kept {self.kept} record{'s' * (self.kept != 1)}"]
+        if self.dropped_bytes:
+            parts.append(f"dropped an incomplete end of {self.dropped_bytes} bytes")
+        if self.errors:
+            parts.append(f"dropped {self.errors} error record{'s' * (self.errors != 1)} to "
+                         "try again")
+        return f"resuming {path}: {', '.join(parts)}; {to_score} to score"
+
+
+def resume_output(f, path, writer, metadata, items):
+    """Continue the output file ``f`` (locked, at ``path``): keep its complete score records,
+    drop an incomplete end and the error records (their lines are scored again, after the
+    others), check that every kept record is one of the input's ids, once. Returns ``(file to
+    append to, Resumed)``; the file is ``f``, or the compacted copy that replaced it (locked
+    too: both stay open until the run ends)."""
+    f.seek(0)
+    data = f.read()
+    if not data:
+        return f, None
+    head, records, dropped = writer.read_records(data, metadata, path)
+    if head is None:
+        return f, None
+    wanted = Counter(writer.key(item.id) for item in items if item.id is not None)
+    done = Counter(key for key, is_error, _ in records if not is_error)
+    for key, n in done.items():
+        if n > wanted[key]:
+            what = (f"holds {n} records for id {key}" if wanted[key] else
+                    f"holds a record for id {key}, which is not in the input")
+            raise OutputError(f"cannot resume {path}: it {what}, so it is not the output of "
+                              "one run on this input; give the same input, or write a new "
+                              "file")
+    errors = sum(is_error for _, is_error, _ in records)
+    kept = [raw for _, is_error, raw in records if not is_error]
+    if errors:  # the records in the middle go: write the rest beside it, then swap them
+        tmp = path.with_name(f".{path.name}.resume-{os.getpid()}")
+        with open(tmp, "wb") as out:
+            out.write(head + b"".join(kept))
+            out.flush()
+            os.fsync(out.fileno())
+        new = lock_output(tmp)
+        os.replace(tmp, path)
+        f = new
+    elif dropped:
+        f.truncate(len(data) - dropped)
+    return f, Resumed(set(done), len(kept), dropped, errors)
+
+
 # -- the command ----------------------------------------------------------------------------------
 
 def load_model(args):
@@ -496,24 +631,37 @@ def parse_bos(value):
 
 
 def run(args):
-    from npllm import __version__
-    from npllm.score import ScoreError, _check_settings, iter_scores, resolve_bos
-
     if args.resume and not args.output:
         raise ValueError("--resume continues an output file: give it with -o FILE")
     if args.resume and args.format == "table":
         raise ValueError("--resume needs a machine format: --format jsonl or tsv")
     out_path = Path(args.output) if args.output else None
+    if out_path and out_path.is_dir():
+        raise OutputError(f"{out_path} is a folder: give -o a file name")
     if out_path and out_path.exists() and out_path.stat().st_size and not (
             args.resume or args.force):
-        raise ValueError(f"{out_path} exists: add --resume to continue it, --force to "
-                         "overwrite it, or give another -o FILE")
+        raise OutputError(f"{out_path} exists: add --resume to continue it, --force to "
+                          "overwrite it, or give another -o FILE")
     items, fmt, source = gather_items(args)
+
+    locked = [lock_output(out_path)] if out_path else []
+    try:
+        return score_items(args, items, fmt, source, out_path, locked)
+    finally:
+        for f in locked:
+            f.close()
+        if out_path and out_path.exists() and not out_path.stat().st_size and locked:
+            out_path.unlink()  # nothing was written: leave no empty file behind
+
+
+def score_items(args, items, fmt, source, out_path, locked):
+    from npllm import __version__
+    from npllm.score import BAR_FORMAT, ScoreError, check_settings, iter_scores, resolve_bos
 
     model = load_model(args)
     bos = resolve_bos(model, parse_bos(args.bos))
-    base, window, stride, batch_size = _check_settings(model, args.base, args.window,
-                                                       args.stride, args.batch_size)
+    base, window, stride, batch_size = check_settings(model, args.base, args.window,
+                                                      args.stride, args.batch_size)
     extras = [name for name, on in (("ranks", args.rank), ("entropies", args.entropy),
                                     ("is_greedy", args.greedy)) if on]
     metadata = {
@@ -524,50 +672,59 @@ def run(args):
         "input": source, "input_format": fmt,
         "fields": {"text": args.text_field, "context": args.context_field, "id": args.id_field},
         "context": args.context, "n_inputs": len(items),
+        "split_special_tokens": args.split_special_tokens,
     }
 
-    stream, done, prior_errors = sys.stdout, Counter(), 0
     if args.format == "jsonl":
         writer = JsonlWriter(None, args.words)
     elif args.format == "tsv":
         writer = TsvWriter(None, extras, out_path)
     else:
         writer = TableWriter(None, args.words, len(items) > 1)
-    fresh = True
+    stream, resumed = sys.stdout, None
     if out_path:
-        if args.resume and out_path.exists() and out_path.stat().st_size:
-            done, prior_errors, keep = writer.read_done(out_path, metadata)
-            with open(out_path, "r+b") as f:  # drop an incomplete last record
-                f.truncate(keep)
-            fresh = keep == 0
-        stream = open(out_path, "a" if not fresh else "w", encoding="utf-8", newline="\n")
+        f = locked[0]
+        if args.resume:
+            f, resumed = resume_output(f, out_path, writer, metadata, items)
+            if f is not locked[0]:
+                locked.append(f)
+        if resumed is None:
+            if f.seek(0, os.SEEK_END) and not args.force:  # written since the first check
+                raise OutputError(f"{out_path} exists: add --resume to continue it, --force to "
+                                  "overwrite it, or give another -o FILE")
+            f.truncate(0)
+        stream = io.TextIOWrapper(f, encoding="utf-8", newline="\n")
     writer.stream = stream
 
     skip = set()
-    for i, item in enumerate(items):
-        key = writer.key(item.id) if writer.resumable else None
-        if done[key] > 0:
-            done[key] -= 1
-            skip.add(i)
+    if resumed is not None:
+        skip = {i for i, item in enumerate(items)
+                if item.id is not None and writer.key(item.id) in resumed.done}
+        if not args.quiet:
+            print(f"npllm score: {resumed.report(out_path, len(items) - len(skip))}",
+                  file=sys.stderr)
     bar = None
     if args.file is not None or not args.texts:
         from tqdm import tqdm
         bar = tqdm(total=len(items) - len(skip), unit="text", desc="npllm score",
-                   file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
-    failed = prior_errors
+                   file=sys.stderr, disable=args.quiet, dynamic_ncols=True,
+                   bar_format=BAR_FORMAT)
+    failed = 0
     try:
-        if fresh:
+        if resumed is None:
             writer.start(metadata)
         pairs = [(it.text, it.context) if it.error is None else (None, None) for it in items]
         settings = dict(bos=bos, base=base, window=window, stride=stride,
                         slide=not args.no_slide, batch_size=batch_size, with_rank=args.rank,
-                        with_entropy=args.entropy, with_greedy=args.greedy)
+                        with_entropy=args.entropy, with_greedy=args.greedy,
+                        split_special_tokens=args.split_special_tokens)
         from npllm import distributed
         if distributed.wanted(args):  # on a Dask cluster: the same records, in input order
             results = distributed.cli_results(args, pairs, out_path=out_path, skip=skip,
                                               **settings)
         else:
-            results = iter_scores(model, pairs, skip=skip, **settings)
+            results = iter_scores(model, pairs, skip=skip,
+                                  on_progress=None if bar is None else bar.update, **settings)
         for i, result in results:
             item = items[i]
             if item.error is not None:
@@ -580,13 +737,12 @@ def run(args):
                 failed += 1
             else:
                 writer.score(item, result)
-            if bar is not None:
-                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
         if stream is not sys.stdout:
-            stream.close()
+            stream.flush()
+            stream.detach()
     if failed:
         where = f" (error records in {out_path})" if out_path else ""
         print(f"npllm score: {failed} of {len(items)} texts could not be scored{where}",

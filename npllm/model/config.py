@@ -193,10 +193,14 @@ class LlamaConfig:
                               "transformers' save_pretrained writes") from None
         except OSError as e:
             raise ConfigError(f"cannot read {path}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              "re-download or re-create it") from None
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-create it") \
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = e if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise ConfigError(f"{path} is not valid JSON ({why}); re-download or re-create it") \
                 from None
         try:
             return cls.from_dict(d)

@@ -275,19 +275,24 @@ def write_packed(path, tensors, source=""):
     one after another with no gaps, the ggml types in the metadata; return how many.
 
     Metadata: ``{"format": "npllm-ggml-blocks", "ggml_types": JSON {name: type}, "source":
-    the GGUF file's name}``; read by :func:`npllm.model.weights.load_packed`.
+    the GGUF file's name}`` and the integrity record of :func:`npllm.model.integrity.record`
+    (size, CRC-32s); read by :func:`npllm.model.weights.load_packed`.
     """
     from npllm.model.weights import PACKED_FORMAT
 
+    from npllm.model import integrity
+
     tensors = list(tensors)
     types = {name: ggml_type for name, ggml_type, _ in tensors}
-    header = {"__metadata__": {"format": PACKED_FORMAT, "ggml_types": json.dumps(types),
-                               "source": source}}
-    offset = 0
+    entries, offset = {}, 0
     for name, _, blocks in tensors:
-        header[name] = {"dtype": "U8", "shape": list(blocks.shape),
-                        "data_offsets": [offset, offset + blocks.nbytes]}
+        entries[name] = {"dtype": "U8", "shape": list(blocks.shape),
+                         "data_offsets": [offset, offset + blocks.nbytes]}
         offset += blocks.nbytes
+    metadata = {"format": PACKED_FORMAT, "ggml_types": json.dumps(types), "source": source}
+    # Its size and CRC-32s, checked at every load (npllm.model.integrity.verify_packed).
+    check = integrity.record(entries, metadata, (blocks for _, _, blocks in tensors))
+    header = {"__metadata__": {**metadata, **check}, **entries}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
@@ -440,6 +445,8 @@ def convert_gguf(gguf_path, out_dir, progress=True):
     has_tokenizer = "tokenizer.ggml.tokens" in metadata
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from npllm.model.hub import sweep_stale_imports
+    sweep_stale_imports(out_dir, kind="partial")  # left by a conversion that was killed
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()  # unlike tempfile.mkdtemp (mode 0700), honours the umask like any new folder
     try:

@@ -24,12 +24,14 @@ stderr says which source was used. The second value :func:`resolve` returns says
 
 Imports are atomic: the converter writes into a temporary folder next to the final one, which is
 then renamed into place (``os.rename`` of a folder is atomic on one file system). An interrupted
-import leaves only a ``.<name>.tmp-*`` folder that is never loaded (delete it at will); two
-processes importing at once both succeed, the second one finding the first one's folder.
+import leaves only a ``.<name>.tmp-<pid>-*`` folder that is never loaded, deleted by the next
+import once that process is gone; two processes importing at once both succeed, the second one
+finding the first one's folder.
 
 ``cache_dir()`` is ``$NPLLM_HOME`` if set, else ``$XDG_CACHE_HOME/npllm``, else
 ``~/.cache/npllm``. Deleting it is always safe.
 """
+import glob
 import hashlib
 import json
 import os
@@ -47,9 +49,10 @@ FALLBACK_FOLDER = "SmolLM2-135M-Instruct-Q4_1"
 HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer*"]
 IMPORT_MARKER = "npllm_import.json"  # written last into an imported folder: where it came from
 # What an import writes: 1 = config, float32 weights, tokenizer; 2 = also the quantized matrices
-# in their GGUF blocks (model.ggml.safetensors, read when decoding). A folder imported in an
+# in their GGUF blocks (model.ggml.safetensors, read when decoding); 3 = that file records its
+# size and CRC-32s (npllm.model.integrity), checked at every load. A folder imported in an
 # older format is imported again, so every cache gets what the current code reads.
-IMPORT_FORMAT = 2
+IMPORT_FORMAT = 3
 Q4_1_NOTE = ("Q4_1-quantized weights dequantized to float32: close to, not equal to, the Hub's "
              "bfloat16 weights")
 
@@ -71,9 +74,16 @@ def resolve(name=None, *, verbose=True):
     saying what was tried and how to fix it.
     """
     say = _say if verbose else (lambda message: None)
-    if name is None or str(name) == "default":
+    if name is None or (isinstance(name, str) and name == "default"):
         name = DEFAULT_MODEL
+    if not isinstance(name, (str, os.PathLike)):
+        raise ModelNotFoundError(f"a model name must be a string or a path, got "
+                                 f"{type(name).__name__}; give a folder, a .gguf file, a Hub "
+                                 "repo id, or nothing for the default model")
     name = os.fspath(name)
+    if not str(name).strip():  # Path("") is the current folder: never what was meant
+        raise ModelNotFoundError("the model name is empty; give a folder, a .gguf file, a Hub "
+                                 "repo id, or nothing for the default model")
     path = Path(name).expanduser()
 
     if path.is_dir():
@@ -199,8 +209,10 @@ def _import_once(gguf_path, folder, key, say):
     if _imported_key(folder) == key:
         return
     folder.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_imports(folder)
     say(f"model: importing {gguf_path} into {folder} (once; later loads reuse it)")
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-",
+                                 dir=folder.parent))
     try:
         out = work / folder.name
         from npllm.model.gguf import convert_gguf  # lazy: only GGUF users pay for the gguf package
@@ -230,6 +242,29 @@ def _import_once(gguf_path, folder, key, say):
                            "and try again")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def sweep_stale_imports(folder, kind="tmp"):
+    """Delete the temporary folders of imports into ``folder`` whose process is gone (killed
+    half way: ``.<name>.<kind>-<pid>-*``); those of running imports stay. Returns how many."""
+    removed = 0
+    prefix = f".{folder.name}.{kind}-"
+    for tmp in folder.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed += not tmp.exists()
+    return removed
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process, or no way to tell
+        return True
+    return True
 
 
 def _imported_key(folder):

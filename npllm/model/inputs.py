@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from npllm.equations import causal_mask
-from npllm.errors import InputError
+from npllm.errors import ArgumentError
 
 MASKED = np.finfo(np.float32).min  # a masked score: transformers' choice, no NaN on padded rows
 
@@ -24,33 +24,33 @@ class Inputs:
 
 def check_inputs(config, input_ids, cache=None, attention_mask=None, logits_to_keep=None,
                  targets=None):
-    """Check one call's arguments against ``config``; raise :class:`~npllm.errors.InputError`
+    """Check one call's arguments against ``config``; raise :class:`~npllm.errors.ArgumentError`
     (a ``ValueError``) naming the problem, or return :class:`Inputs`."""
     ids = np.asarray(input_ids)
     if ids.ndim not in (1, 2) or not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"input_ids must be integers of shape [T] or [B, T], got "
+        raise ArgumentError(f"input_ids must be integers of shape [T] or [B, T], got "
                          f"{ids.dtype} {ids.shape}")
     single = ids.ndim == 1
     ids = ids.reshape(1, -1) if single else ids
     B, T = ids.shape
     if T == 0:
-        raise InputError("input_ids is empty: give at least one token")
+        raise ArgumentError("input_ids is empty: give at least one token")
     if ids.min() < 0 or ids.max() >= config.vocab_size:
-        raise InputError(f"input_ids must lie in [0, {config.vocab_size}), got ids from "
+        raise ArgumentError(f"input_ids must lie in [0, {config.vocab_size}), got ids from "
                          f"{ids.min()} to {ids.max()}")
     past = 0 if cache is None else cache.length
     if past + T > config.context_length:
-        raise InputError(
+        raise ArgumentError(
             f"{past + T} positions ({past} cached + {T} new) exceed the model's context of "
             f"{config.context_length} (max_position_embeddings / sliding_window in config.json); "
             "score long texts in windows (npllm.score's window=) or start a new cache")
     if cache is not None and cache.keys and cache.keys[0].shape[0] != B:
-        raise InputError(f"the cache holds {cache.keys[0].shape[0]} sequences, input_ids {B}")
+        raise ArgumentError(f"the cache holds {cache.keys[0].shape[0]} sequences, input_ids {B}")
     if attention_mask is not None and np.shape(attention_mask) != (B, past + T):
-        raise InputError(f"attention_mask must have shape (batch, cached + new tokens) = "
+        raise ArgumentError(f"attention_mask must have shape (batch, cached + new tokens) = "
                          f"{(B, past + T)}, got {np.shape(attention_mask)}")
     if logits_to_keep is not None and not 0 < logits_to_keep <= T:
-        raise InputError(f"logits_to_keep must be between 1 and the {T} new tokens, "
+        raise ArgumentError(f"logits_to_keep must be between 1 and the {T} new tokens, "
                          f"got {logits_to_keep}")
     kept = logits_to_keep or T
     if targets is not None:
@@ -59,13 +59,13 @@ def check_inputs(config, input_ids, cache=None, attention_mask=None, logits_to_k
 
 
 def check_targets(config, targets, shape):
-    """``targets`` as an integer array of ``shape`` holding token ids, or an InputError."""
+    """``targets`` as an integer array of ``shape`` holding token ids, or an ArgumentError."""
     targets = np.asarray(targets)
     if targets.shape != shape or not np.issubdtype(targets.dtype, np.integer):
-        raise InputError(f"targets must be integers shaped like the kept positions {shape}, "
+        raise ArgumentError(f"targets must be integers shaped like the kept positions {shape}, "
                          f"got {targets.dtype} {targets.shape}")
     if targets.size and (targets.min() < 0 or targets.max() >= config.vocab_size):
-        raise InputError(f"targets must lie in [0, {config.vocab_size})")
+        raise ArgumentError(f"targets must lie in [0, {config.vocab_size})")
     return targets
 
 

@@ -147,6 +147,13 @@ def safetensors_files(folder):
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise WeightsError(f"{index} is not a valid safetensors index ({type(e).__name__}: "
                                f"{e}); re-download the model") from None
+        outside = [n for n in names if not isinstance(n, str) or not n or Path(n).is_absolute()
+                   or ".." in Path(n).parts or Path(n).name != n]
+        if outside:
+            raise WeightsError(f"{index} names shard(s) outside the model folder "
+                               f"({', '.join(map(repr, outside[:3]))}); a shard must be a file "
+                               "name in the folder itself: the index is damaged or was not "
+                               "written by save_pretrained, download the model again")
         files = [folder / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
