@@ -24,6 +24,7 @@ Timings depend on the machine and on what else runs: re-run on a quiet machine t
 """
 import argparse
 import json
+import os
 import sys
 import time
 import tracemalloc
@@ -39,6 +40,18 @@ from npllm.equations import (apply_rope, causal_mask, grouped_query_attention,  
                              split_heads, swiglu_mlp)
 
 DEFAULT_T = [64, 128, 256, 512, 1024, 2048, 4096]
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
 PARTS = ("attention", "MLP", "layer")
 
 
@@ -220,7 +233,13 @@ def main(argv=None):
     plot(result, summary, args.output)
     print(f"wrote {args.output}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({**result, **summary}, indent=1))
+        command = "python scripts/attention_cost.py " + " ".join(
+            argv if argv is not None else sys.argv[1:])
+        run = {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "cpu": cpu_name(), "cpus": os.cpu_count(),
+               "load_average": [round(x, 2) for x in os.getloadavg()],
+               "threads": {k: os.environ.get(k) for k in THREAD_VARIABLES}}
+        Path(args.json).write_text(json.dumps({**result, **summary, "run": run}, indent=1))
     return 0
 
 

@@ -146,7 +146,7 @@ def on_page_markdown(markdown, page, config, files):
 # -- links to the repository's files ---------------------------------------------------------
 
 # Modules with a page in the API reference (docs/reference/): links to them become links there.
-REFERENCE_MODULES = re.compile(r"^npllm\.(equations(\.\w+)?|trace|inspect|plot|model\.llama)$")
+REFERENCE_MODULES = re.compile(r"^npllm\.(equations(\.\w+)?|trace|inspect|plot|animate|model\.llama)$")
 LINK = re.compile(r"(?<!!)\[([^\]\n]+)\]\(([^)\s#]+)(#[^)\s]*)?\)")
 FENCE = re.compile(r"^```.*?^```$", re.M | re.S)
 
@@ -285,7 +285,10 @@ def _run_console(code, workdir, page, n):
         try:
             os.chdir(workdir)
             with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-                status = main(argv[1:])
+                try:
+                    status = main(argv[1:])
+                except SystemExit as e:  # argparse's --help and --version exit
+                    status = e.code or 0
         finally:
             os.chdir(cwd)
         if status:
