@@ -13,7 +13,7 @@ sequences xs [T, B, D]. Weights in torch's layout: W_ih [G*N, D], W_hh [G*N, N],
 b_ih and b_hh [G*N], with G = 1 (RNN), 4 (LSTM: gates i, f, g, o) or 3 (GRU: r, z, n).
 Float arrays keep their precision (float32 by default, float64 to check gradients tightly).
 Tests: ``tests/test_equations_recurrent.py`` against ``torch.nn.RNNCell``, ``LSTMCell``,
-``GRUCell`` and torch autograd.
+``GRUCell``, and torch autograd on ``nn.RNN`` and ``nn.LSTM`` for the two BPTT functions.
 """
 import numpy as np
 
@@ -147,3 +147,74 @@ def rnn_bptt(xs, h0, hs, dhs, W_ih, W_hh):
         dxs[t] = da @ W_ih
         dh_next = da @ W_hh
     return {"xs": dxs, "h0": dh_next, "W_ih": dW_ih, "W_hh": dW_hh, "b_ih": db, "b_hh": db.copy()}
+
+
+def lstm_forward(xs, h0, c0, W_ih, W_hh, b_ih, b_hh):
+    r"""Run the LSTM over a sequence, one step after the other (``torch.nn.LSTM``, one layer).
+
+    .. math::
+        (h_t, c_t) = \mathrm{LSTMCell}(x_t, h_{t-1}, c_{t-1}),\quad t = 1 \ldots T
+
+    xs [T, B, D], h0 and c0 [B, N] -> (hs, cs), each [T, B, N].
+    """
+    xs = _float(xs, "xs", 3)
+    h, c = _float(h0, "h0", 2), _float(c0, "c0", 2)
+    hs, cs = [], []
+    for x in xs:
+        h, c = lstm_cell(x, h, c, W_ih, W_hh, b_ih, b_hh)
+        hs.append(h)
+        cs.append(c)
+    return np.stack(hs), np.stack(cs)
+
+
+def lstm_bptt(xs, h0, c0, hs, cs, dhs, W_ih, W_hh, b_ih, b_hh):
+    r"""Backpropagation through time for :func:`lstm_forward` (lecture 001: why LSTMs help).
+
+    Each step's gates are recomputed from :math:`x_t` and :math:`h_{t-1}`; with
+    :math:`\delta^h_t` and :math:`\delta^c_t` the gradients reaching :math:`h_t` and :math:`c_t`:
+
+    .. math::
+        \begin{aligned}
+        \delta^c_t &= \delta^h_t \odot \sigma(o_t) \odot (1 - \tanh^2 c_t) + \delta^c_{t+1} \odot \sigma(f_{t+1})\\
+        \frac{\partial L}{\partial o_t} &= \delta^h_t \odot \tanh c_t \odot \sigma'(o_t),\quad
+        \frac{\partial L}{\partial i_t} = \delta^c_t \odot \tanh g_t \odot \sigma'(i_t),\\
+        \frac{\partial L}{\partial f_t} &= \delta^c_t \odot c_{t-1} \odot \sigma'(f_t),\quad
+        \frac{\partial L}{\partial g_t} = \delta^c_t \odot \sigma(i_t) \odot (1 - \tanh^2 g_t)
+        \end{aligned}
+
+    then the same products with the weights as in :func:`rnn_bptt`. The path through the cell
+    state is multiplied only by the forget gate :math:`\sigma(f)` at each step, not by a weight
+    matrix: where the gate stays near 1 the gradient crosses many steps intact.
+
+    xs [T, B, D], h0 and c0 [B, N], hs and cs [T, B, N] (from :func:`lstm_forward`), dhs
+    [T, B, N] (the loss's direct gradient with respect to each :math:`h_t`), W_ih [4N, D],
+    W_hh [4N, N], b_ih, b_hh [4N] -> dict with ``xs``, ``h0``, ``c0``, ``W_ih``, ``W_hh``,
+    ``b_ih``, ``b_hh`` (the two biases get the same gradient). torch autograd's ``backward``
+    on ``torch.nn.LSTM``.
+    """
+    xs, hs, cs, dhs = (_float(a, n, 3) for a, n in ((xs, "xs"), (hs, "hs"), (cs, "cs"),
+                                                     (dhs, "dhs")))
+    h0, c0 = _float(h0, "h0", 2), _float(c0, "c0", 2)
+    require(hs.shape == cs.shape == dhs.shape and hs.shape[0] == xs.shape[0],
+            f"hs, cs and dhs must have shape [T, B, N] with T = {xs.shape[0]}, "
+            f"got {hs.shape}, {cs.shape} and {dhs.shape}")
+    dW_ih, dW_hh = np.zeros_like(W_ih, dtype=hs.dtype), np.zeros_like(W_hh, dtype=hs.dtype)
+    db = np.zeros(W_hh.shape[0], hs.dtype)
+    dxs = np.zeros_like(xs)
+    dh_next, dc_next = np.zeros_like(h0), np.zeros_like(c0)
+    for t in reversed(range(len(xs))):
+        h_prev, c_prev = (hs[t - 1], cs[t - 1]) if t > 0 else (h0, c0)
+        i, f, g, o = np.split(xs[t] @ W_ih.T + b_ih + h_prev @ W_hh.T + b_hh, 4, axis=-1)
+        i, f, g, o = _sigmoid(i), _sigmoid(f), np.tanh(g), _sigmoid(o)
+        tanh_c = np.tanh(cs[t])
+        dh = dhs[t] + dh_next
+        dc = dh * o * (1.0 - tanh_c ** 2) + dc_next
+        da = np.concatenate([dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f),
+                             dc * i * (1.0 - g ** 2), dh * tanh_c * o * (1.0 - o)], axis=-1)
+        dW_ih += da.T @ xs[t]
+        dW_hh += da.T @ h_prev
+        db += da.sum(axis=0)
+        dxs[t] = da @ W_ih
+        dh_next, dc_next = da @ W_hh, dc * f
+    return {"xs": dxs, "h0": dh_next, "c0": dc_next, "W_ih": dW_ih, "W_hh": dW_hh, "b_ih": db,
+            "b_hh": db.copy()}
