@@ -61,7 +61,8 @@ def _figure(n_panels, T):
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise NpllmError(f"plotting needs matplotlib, which is not installed: {INSTALL_HINT}") from e
+        raise NpllmError(f"plotting needs matplotlib, which is not installed: "
+                         f"{INSTALL_HINT}") from e
     size = min(7.0, 2.6 + 0.28 * T)
     return Figure(figsize=(n_panels * (size + 1.0), size + 0.9), layout="constrained", dpi=100)
 
@@ -158,7 +159,11 @@ PLAYER = """<!doctype html>
 const frames = {frames};
 const slider = document.getElementById("frame"), image = document.getElementById("image");
 const label = document.getElementById("label");
-function show(k) {{ slider.value = k; image.src = frames[k]; label.textContent = (k + 1) + " / " + frames.length; }}
+function show(k) {{
+  slider.value = k;
+  image.src = frames[k];
+  label.textContent = (k + 1) + " / " + frames.length;
+}}
 slider.oninput = () => show(Number(slider.value));
 let timer = null;
 document.getElementById("play").onclick = () => {{

@@ -235,7 +235,8 @@ def main(argv=None):
     if args.json:
         command = "python scripts/attention_cost.py " + " ".join(
             argv if argv is not None else sys.argv[1:])
-        run = {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        run = {"command": command.strip(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "cpu": cpu_name(), "cpus": os.cpu_count(),
                "load_average": [round(x, 2) for x in os.getloadavg()],
                "threads": {k: os.environ.get(k) for k in THREAD_VARIABLES}}

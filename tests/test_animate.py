@@ -51,7 +51,8 @@ def test_attention_output_heatmap_from_python_and_cli(tiny_folder, tmp_path, cap
                                    path=tmp_path / "a.png")
     assert len(fig.axes) == 2  # the map and its colour bar
     out = tmp_path / "b.png"
-    assert main(["plot", "attention-output", "the fox", "-m", str(tiny_folder), "-o", str(out)]) == 0
+    assert main(["plot", "attention-output", "the fox", "-m", str(tiny_folder),
+                 "-o", str(out)]) == 0
     for path in (tmp_path / "a.png", out):
         with Image.open(path) as image:
             image.verify()

@@ -146,7 +146,8 @@ def on_page_markdown(markdown, page, config, files):
 # -- links to the repository's files ---------------------------------------------------------
 
 # Modules with a page in the API reference (docs/reference/): links to them become links there.
-REFERENCE_MODULES = re.compile(r"^npllm\.(equations(\.\w+)?|trace|inspect|plot|animate|model\.llama)$")
+REFERENCE_MODULES = re.compile(
+    r"^npllm\.(equations(\.\w+)?|trace|inspect|plot|animate|model\.llama)$")
 LINK = re.compile(r"(?<!!)\[([^\]\n]+)\]\(([^)\s#]+)(#[^)\s]*)?\)")
 FENCE = re.compile(r"^```.*?^```$", re.M | re.S)
 
