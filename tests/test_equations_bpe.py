@@ -41,7 +41,7 @@ def trained_reference(texts, vocab_size):
 
 
 @given(texts=corpora, vocab_size=vocab_sizes)
-@example(texts=["aaaa aaa aa a", "aaaaaaa"], vocab_size=300)  # overlapping pairs, reused units
+@example(texts=["aaaa aaa aa a", "aaaaaaa"], vocab_size=300)  # overlapping pairs (a, a)
 @example(texts=["ab ba ab ba"], vocab_size=300)  # a tie between (a, b) and (b, a)
 def test_learned_merges_and_encodings_equal_bpe_trainer(texts, vocab_size):
     tok, vocab, merges = trained_reference(texts, vocab_size)
