@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, strategies as st
 
 from conftest import assert_close
-from npllm.equations.recurrent import (gru_cell, lstm_bptt, lstm_cell, lstm_forward, rnn_bptt,
-                                       rnn_cell, rnn_forward)
+from npllm.equations.recurrent import (gru_bptt, gru_cell, gru_forward, lstm_bptt, lstm_cell,
+                                       lstm_forward, rnn_bptt, rnn_cell, rnn_forward)
 
 seeds = st.integers(0, 2**32 - 1)
 sizes = st.integers(1, 7)
@@ -135,6 +135,31 @@ def test_lstm_bptt_gradients_equal_torch_autograd(seed, T, B, D, N, scale):
     assert_close(hs, torch_hs.detach().numpy(), **F64)
     grads = lstm_bptt(x, h, c, hs, cs, G, *W)
     expected = {"xs": xs.grad, "h0": h0.grad[0], "c0": c0.grad[0], "W_ih": weights[0].grad,
+                "W_hh": weights[1].grad, "b_ih": weights[2].grad, "b_hh": weights[3].grad}
+    assert grads.keys() == expected.keys()
+    for name, e in expected.items():
+        # float64, T <= 10 steps: errors stay near 1e-15 relative.
+        assert_close(grads[name], e.numpy(), rtol=1e-9, atol=1e-11, err_msg=name)
+
+
+@given(seed=seeds, T=st.integers(1, 10), B=st.integers(1, 3), D=sizes, N=sizes,
+       scale=st.sampled_from([0.5, 1.0, 3.0]))
+def test_gru_bptt_gradients_equal_torch_autograd(seed, T, B, D, N, scale):
+    torch.manual_seed(seed % 2**31)
+    gru = torch.nn.GRU(D, N).double()
+    rng = np.random.default_rng(seed)
+    xs = torch.tensor(rng.standard_normal((T, B, D)) * scale, requires_grad=True)
+    h0 = torch.tensor(rng.standard_normal((1, B, N)), requires_grad=True)
+    G = rng.standard_normal((T, B, N))
+    torch_hs, _ = gru(xs, h0)
+    (torch_hs * torch.from_numpy(G)).sum().backward()
+    weights = [getattr(gru, f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    W = [w.detach().numpy() for w in weights]
+    x, h = xs.detach().numpy(), h0.detach().numpy()[0]
+    hs = gru_forward(x, h, *W)
+    assert_close(hs, torch_hs.detach().numpy(), **F64)
+    grads = gru_bptt(x, h, hs, G, *W)
+    expected = {"xs": xs.grad, "h0": h0.grad[0], "W_ih": weights[0].grad,
                 "W_hh": weights[1].grad, "b_ih": weights[2].grad, "b_hh": weights[3].grad}
     assert grads.keys() == expected.keys()
     for name, e in expected.items():

@@ -23,8 +23,8 @@ from .position import (apply_rope, apply_rope_interleaved, interleaved_to_half_r
                        rope_cos_sin, rope_inverse_frequencies, rotate_half, sinusoidal_encoding)
 from .probability import (bits_per_byte, cross_entropy, perplexity, sequence_log_prob,
                           token_log_probs)
-from .recurrent import (gru_cell, lstm_bptt, lstm_cell, lstm_forward, rnn_bptt, rnn_cell,
-                        rnn_forward)
+from .recurrent import (gru_bptt, gru_cell, gru_forward, lstm_bptt, lstm_cell, lstm_forward,
+                        rnn_bptt, rnn_cell, rnn_forward)
 from .softmax import lm_head, log_softmax, softmax
 
 __all__ = [
@@ -52,4 +52,5 @@ __all__ = [
     "pre_tokenize", "count_pairs", "merge_pair", "learn_merges", "apply_merges", "bpe_encode",
     # recurrent (lectures 001, 004)
     "rnn_cell", "lstm_cell", "gru_cell", "rnn_forward", "rnn_bptt", "lstm_forward", "lstm_bptt",
+    "gru_forward", "gru_bptt",
 ]

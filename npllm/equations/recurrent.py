@@ -13,7 +13,8 @@ sequences xs [T, B, D]. Weights in torch's layout: W_ih [G*N, D], W_hh [G*N, N],
 b_ih and b_hh [G*N], with G = 1 (RNN), 4 (LSTM: gates i, f, g, o) or 3 (GRU: r, z, n).
 Float arrays keep their precision (float32 by default, float64 to check gradients tightly).
 Tests: ``tests/test_equations_recurrent.py`` against ``torch.nn.RNNCell``, ``LSTMCell``,
-``GRUCell``, and torch autograd on ``nn.RNN`` and ``nn.LSTM`` for the two BPTT functions.
+``GRUCell``, and torch autograd on ``nn.RNN``, ``nn.LSTM`` and ``nn.GRU`` for the three BPTT
+functions.
 """
 import numpy as np
 
@@ -218,3 +219,73 @@ def lstm_bptt(xs, h0, c0, hs, cs, dhs, W_ih, W_hh, b_ih, b_hh):
         dh_next, dc_next = da @ W_hh, dc * f
     return {"xs": dxs, "h0": dh_next, "c0": dc_next, "W_ih": dW_ih, "W_hh": dW_hh, "b_ih": db,
             "b_hh": db.copy()}
+
+
+def gru_forward(xs, h0, W_ih, W_hh, b_ih, b_hh):
+    r"""Run the GRU over a sequence, one step after the other (``torch.nn.GRU``, one layer).
+
+    .. math::
+        h_t = \mathrm{GRUCell}(x_t, h_{t-1}),\quad t = 1 \ldots T
+
+    xs [T, B, D], h0 [B, N] -> hs [T, B, N].
+    """
+    xs, h = _float(xs, "xs", 3), _float(h0, "h0", 2)
+    hs = []
+    for x in xs:
+        h = gru_cell(x, h, W_ih, W_hh, b_ih, b_hh)
+        hs.append(h)
+    return np.stack(hs)
+
+
+def gru_bptt(xs, h0, hs, dhs, W_ih, W_hh, b_ih, b_hh):
+    r"""Backpropagation through time for :func:`gru_forward`.
+
+    With :math:`\delta_t` the gradient reaching :math:`h_t` and :math:`a^n_t` the candidate's
+    pre-activation:
+
+    .. math::
+        \begin{aligned}
+        \frac{\partial L}{\partial a^n_t} &= \delta_t \odot (1 - z_t) \odot (1 - n_t^2),\quad
+        \frac{\partial L}{\partial z_t} = \delta_t \odot (h_{t-1} - n_t),\quad
+        \frac{\partial L}{\partial r_t} = \frac{\partial L}{\partial a^n_t} \odot (W_{hn} h_{t-1} + b_{hn})\\
+        \delta_{t-1} &= \delta_t \odot z_t + \Bigl[\tfrac{\partial L}{\partial r_t} \sigma'_r,\
+            \tfrac{\partial L}{\partial z_t} \sigma'_z,\ \tfrac{\partial L}{\partial a^n_t} \odot r_t\Bigr] W_{hh}
+            + \frac{\partial L}{\partial h_{t-1}}\Big|_{\text{direct}}
+        \end{aligned}
+
+    The term :math:`\delta_t \odot z_t` passes the gradient back untouched where the update
+    gate keeps the old state (z near 1), as the LSTM's forget gate does.
+
+    xs [T, B, D], h0 [B, N], hs [T, B, N] (from :func:`gru_forward`), dhs [T, B, N], W_ih
+    [3N, D], W_hh [3N, N], b_ih, b_hh [3N] -> dict with ``xs``, ``h0``, ``W_ih``, ``W_hh``,
+    ``b_ih``, ``b_hh`` (the biases differ in their n part: :math:`b_{hn}` sits inside
+    :math:`r \odot (\cdot)`). torch autograd's ``backward`` on ``torch.nn.GRU``.
+    """
+    xs, hs, dhs = _float(xs, "xs", 3), _float(hs, "hs", 3), _float(dhs, "dhs", 3)
+    h0 = _float(h0, "h0", 2)
+    require(hs.shape == dhs.shape and hs.shape[0] == xs.shape[0],
+            f"hs and dhs must both have shape [T, B, N] with T = {xs.shape[0]}, "
+            f"got {hs.shape} and {dhs.shape}")
+    grads = {name: np.zeros_like(w, dtype=hs.dtype)
+             for name, w in (("W_ih", W_ih), ("W_hh", W_hh), ("b_ih", b_ih), ("b_hh", b_hh))}
+    dxs = np.zeros_like(xs)
+    dh_next = np.zeros_like(h0)
+    for t in reversed(range(len(xs))):
+        h_prev = hs[t - 1] if t > 0 else h0
+        xr, xz, xn = np.split(xs[t] @ W_ih.T + b_ih, 3, axis=-1)
+        hr, hz, hn = np.split(h_prev @ W_hh.T + b_hh, 3, axis=-1)
+        r, z = _sigmoid(xr + hr), _sigmoid(xz + hz)
+        n = np.tanh(xn + r * hn)
+        dh = dhs[t] + dh_next
+        dan = dh * (1.0 - z) * (1.0 - n ** 2)
+        dar = dan * hn * r * (1.0 - r)
+        daz = dh * (h_prev - n) * z * (1.0 - z)
+        dX = np.concatenate([dar, daz, dan], axis=-1)        # w.r.t. x W_ih^T + b_ih
+        dH = np.concatenate([dar, daz, dan * r], axis=-1)    # w.r.t. h W_hh^T + b_hh
+        grads["W_ih"] += dX.T @ xs[t]
+        grads["b_ih"] += dX.sum(axis=0)
+        grads["W_hh"] += dH.T @ h_prev
+        grads["b_hh"] += dH.sum(axis=0)
+        dxs[t] = dX @ W_ih
+        dh_next = dh * z + dH @ W_hh
+    return {"xs": dxs, "h0": dh_next, **grads}
