@@ -201,6 +201,8 @@ def test_a_number_in_a_sentence_that_the_code_did_not_print_fails_the_build():
                        "<!-- numbers: 0.2 (the lecture's setting) -->", "", "p.md")
     with pytest.raises(PluginError):
         hook.check_numbers("temperature 0.3.<!-- numbers: 0.2 (the lecture's) -->", "", "p.md")
+    with pytest.raises(PluginError, match="3.8x"):  # a speed-up factor is a measured number
+        hook.check_numbers("a 3.8x speed-up", "speed-up: 3.7x", "p.md")
 
 
 def test_values_and_console_blocks_come_from_the_code(tmp_path):

@@ -70,8 +70,9 @@ EXEC = re.compile(r"^```(python|console) exec\n(.*?)^```$", re.M | re.S)
 IMAGES = (".png", ".svg", ".gif")
 VALUE = re.compile(r"<!--=\s*(.*?)\s*-->", re.S)
 DECLARED = re.compile(r"<!-- (?:numbers|recorded): (.*?)-->", re.S)
-# Numbers that look measured: 2.4316e-11, 41.0226, 59%, 134,515,008 (not 576, 2024 or 0.1.0).
-NUMBER = re.compile(r"(?<![\w.])(?:\d+\.\d+(?:e[-+]?\d+)?%?|\d+%|\d{1,3}(?:,\d{3})+)(?!\.?\w)")
+# Numbers that look measured: 2.4316e-11, 41.0226, 59%, 3.7x, 134,515,008 (not 576, 2024, 0.1.0).
+NUMBER = re.compile(r"(?<![\w.])(?:\d+\.\d+(?:e[-+]?\d+)?(?:%|x(?!\w))?|\d+%|\d{1,3}(?:,\d{3})+)"
+                    r"(?!\.?\w)")
 DATA = Path(__file__).resolve().parents[1] / "data"
 # Pages of dated measurements (bench runs on one machine, each with its command): their
 # numbers are records, not what the code prints at build time.
