@@ -36,6 +36,8 @@ EQUATIONS = {
     "KV cache: cached decode equals full recompute": ("eq/kv-cache", ["decode_attention", "KVCache"], "test_equations_attention.py"),
     "parameter counts per module": ("eq/parameter-counts", ["attention_parameters", "llama_parameter_counts"], "test_equations_counting.py"),
     "perplexity, Chinchilla, FLOPs": ("eq/perplexity-scaling", ["perplexity", "chinchilla_optimal_tokens", "forward_flops_per_token"], "test_equations_counting.py"),
+    "BPE: learn merges, apply merges": ("eq/bpe", ["count_pairs", "most_frequent_pair", "merge_pair", "learn_merges", "apply_merges"], "test_equations_bpe.py"),
+    "RNN, LSTM, GRU cells and BPTT": ("eq/recurrent", ["rnn_cell", "lstm_cell", "gru_cell", "rnn_forward", "rnn_bptt"], "test_equations_recurrent.py"),
 }
 EXTERNAL = re.compile(r"""<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)=["'](?:https?:)?//""")
 
@@ -173,3 +175,66 @@ def test_links_to_source_files_become_reference_links_or_paths(tmp_path):
     assert "[a page](../index.md)" in out and "![fig](x.png)" in out
     assert "[web](https://example.org/a.py)" in out
     assert "[kept](../../npllm/score.py)" in out  # code blocks are left alone
+
+
+def load_hook(name="npllm_docs_hook3"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / "hooks" / "npllm_docs.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    return hook
+
+
+def test_a_number_in_a_sentence_that_the_code_did_not_print_fails_the_build():
+    """Issue 17: the scoring page said 2.4316e-11 while `npllm score` printed 2.4317e-11."""
+    hook = load_hook()
+    from mkdocs.exceptions import PluginError
+    printed = "product   2.4317e-11   -24.4399\nshares: 59.2%, 134,515,008 parameters"
+    page = "The product is tiny ({}), and the MLP holds {} of the {} parameters."
+    hook.check_numbers(page.format("2.4317e-11", "59.2%", "134,515,008"), printed, "p.md")
+    for drifted in (page.format("2.4316e-11", "59.2%", "134,515,008"),
+                    page.format("2.4317e-11", "59%", "134,515,008"),
+                    page.format("2.4317e-11", "59.2%", "134,515,009")):
+        with pytest.raises(PluginError, match="no example on the page printed"):
+            hook.check_numbers(drifted, printed, "p.md")
+    # Code, formulas, version numbers and declared inputs are not claims about an output.
+    hook.check_numbers("Run `x = 0.25`, $e^{1.5}$, npllm 0.1.0, temperature 0.2."
+                       "<!-- numbers: 0.2 (the lecture's setting) -->", "", "p.md")
+    with pytest.raises(PluginError):
+        hook.check_numbers("temperature 0.3.<!-- numbers: 0.2 (the lecture's) -->", "", "p.md")
+    with pytest.raises(PluginError, match="3.8x"):  # a speed-up factor is a measured number
+        hook.check_numbers("a 3.8x speed-up", "speed-up: 3.7x", "p.md")
+
+
+def test_values_and_console_blocks_come_from_the_code(tmp_path):
+    hook = load_hook("npllm_docs_hook4")
+
+    class Page:
+        class file:
+            src_uri = "p.md"
+    generated = []
+    assert hook._values("P = <!--= f'{p:.2f}' -->.", {"p": 0.123}, Page, generated) == "P = 0.12."
+    assert generated == ["0.12"]
+    shown = hook._run_console("$ npllm --version  # a comment", tmp_path, Page, 0)
+    import npllm
+    assert shown.splitlines() == ["$ npllm --version  # a comment", f"npllm {npllm.__version__}"]
+
+
+def test_the_shell_outputs_on_the_scoring_page_are_what_the_command_prints_today(site, capsys):
+    from npllm.cli import main
+    assert main(["score", "He runs fast"]) == 0
+    printed = capsys.readouterr().out
+    import html
+    body = html.unescape(re.sub(r"<[^>]+>", "", page(site, "scoring")))
+    for line in printed.strip().splitlines():
+        assert line.strip() in body, line
+
+
+def test_the_new_lecture_pages_ran(site):
+    assert "figures/walkthrough-attention-output-animation.gif" in page(site, "walkthrough")
+    assert "figures/eq-recurrent-vanishing-gradient.png" in page(site, "eq/recurrent")
+    cost = page(site, "attention-cost")
+    assert "figures/attention-cost-attention-cost.png" in cost and "python scripts/attention_cost.py" in cost
+    frames = int(re.search(r"(\d+) frames:", page(site, "walkthrough")).group(1))
+    assert 1 <= frames <= 15  # one per generated token (fewer if the model ends its turn)
+    with Image.open(site / "figures" / "walkthrough-attention-output-animation.gif") as gif:
+        assert gif.n_frames == frames

@@ -1,6 +1,6 @@
 """MkDocs hooks that keep npllm's docs true to the code (configured in mkdocs.yml).
 
-Three directives in the Markdown pages, all resolved at build time so nothing can drift
+Five directives in the Markdown pages, all resolved at build time so nothing can drift
 (and links to the repository's source files, which the site cannot serve, become links to the
 API reference or plain paths):
 
@@ -11,9 +11,17 @@ API reference or plain paths):
 - a fenced block opened with ```` ```python exec ```` is run (blocks of one page share their
   variables, like notebook cells), shown as code, followed by what it printed and by every
   image file it wrote, which becomes a figure of the site (``figures/<page>-<file>``). Plots in
-  the docs are therefore drawn by npllm from the real default model at every build.
+  the docs are therefore drawn by npllm from the real default model at every build (GIF
+  animations too). Files in ``docs/data/`` are in the examples' working folder;
+- a fenced block opened with ```` ```console exec ```` runs each ``$ npllm ...`` line with
+  npllm's command line, in process, and shows it followed by what it printed;
+- ``<!--= expression -->`` in a sentence becomes the expression's value, evaluated after the
+  examples above it ran: ``the product is <!--= f"{p:.1e}" -->``.
 
-A missing function or test, or an exception in an example, fails the build.
+A missing function or test, or an exception in an example, fails the build. So does a number
+in a sentence that no example printed (:func:`check_numbers`): numbers that look measured
+(decimals, percentages, thousands separators) must come from the code, or be declared on the
+page as fixed inputs (``<!-- numbers: 0.2 0.9 -->``, e.g. the lecture's settings).
 
 The build runs without torch: ``torch`` and ``transformers`` cannot be imported while it runs,
 so the examples prove the walkthrough works with NumPy alone. ``npllm.load`` is memoised for the
@@ -33,6 +41,8 @@ import inspect
 import io
 import os
 import re
+import shlex
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -56,8 +66,17 @@ MATHJAX_FILES = ("es5/tex-chtml-full.js", "es5/output/chtml/fonts/woff-v2/")
 BLOCKED = ("torch", "transformers")
 SOURCE = re.compile(r"^<!-- source: ([\w.]+) -->$", re.M)
 TEST = re.compile(r"^<!-- test: ([\w/.]+)::(\w+) -->$", re.M)
-EXEC = re.compile(r"^```python exec\n(.*?)^```$", re.M | re.S)
-IMAGES = (".png", ".svg")
+EXEC = re.compile(r"^```(python|console) exec\n(.*?)^```$", re.M | re.S)
+IMAGES = (".png", ".svg", ".gif")
+VALUE = re.compile(r"<!--=\s*(.*?)\s*-->", re.S)
+DECLARED = re.compile(r"<!-- (?:numbers|recorded): (.*?)-->", re.S)
+# Numbers that look measured: 2.4316e-11, 41.0226, 59%, 3.7x, 134,515,008 (not 576, 2024, 0.1.0).
+NUMBER = re.compile(r"(?<![\w.])(?:\d+\.\d+(?:e[-+]?\d+)?(?:%|x(?!\w))?|\d+%|\d{1,3}(?:,\d{3})+)"
+                    r"(?!\.?\w)")
+DATA = Path(__file__).resolve().parents[1] / "data"
+# Pages of dated measurements (bench runs on one machine, each with its command): their
+# numbers are records, not what the code prints at build time.
+RECORDED_PAGES = ("performance.md",)
 
 
 class _Blocker(importlib.abc.MetaPathFinder):
@@ -108,10 +127,17 @@ def on_files(files, config):
 def on_page_markdown(markdown, page, config, files):
     started = time.perf_counter()
     markdown = _repository_links(markdown, page, config)
-    markdown = SOURCE.sub(lambda m: _source_block(m.group(1), page), markdown)
-    markdown = TEST.sub(lambda m: _test_block(m.group(1), m.group(2), page), markdown)
-    if EXEC.search(markdown):
-        markdown = _run_page(markdown, page, config, files)
+    pulled = []  # the code pulled from files: numbers in it may be quoted in prose
+
+    def pull(block):
+        pulled.append(block)
+        return block
+    markdown = SOURCE.sub(lambda m: pull(_source_block(m.group(1), page)), markdown)
+    markdown = TEST.sub(lambda m: pull(_test_block(m.group(1), m.group(2), page)), markdown)
+    if EXEC.search(markdown) or VALUE.search(markdown):
+        markdown = _run_page(markdown, page, config, files, pulled)
+    else:
+        check_numbers(markdown, "\n".join(pulled), page.file.src_uri)
     seconds = time.perf_counter() - started
     if os.environ.get("NPLLM_DOCS_TIMES"):
         print(f"npllm docs: {page.file.src_uri}: {seconds:.1f} s", file=sys.stderr)
@@ -121,7 +147,8 @@ def on_page_markdown(markdown, page, config, files):
 # -- links to the repository's files ---------------------------------------------------------
 
 # Modules with a page in the API reference (docs/reference/): links to them become links there.
-REFERENCE_MODULES = re.compile(r"^npllm\.(equations(\.\w+)?|trace|inspect|plot|model\.llama)$")
+REFERENCE_MODULES = re.compile(
+    r"^npllm\.(equations(\.\w+)?|trace|inspect|plot|animate|model\.llama)$")
 LINK = re.compile(r"(?<!!)\[([^\]\n]+)\]\(([^)\s#]+)(#[^)\s]*)?\)")
 FENCE = re.compile(r"^```.*?^```$", re.M | re.S)
 
@@ -193,18 +220,30 @@ def _test_block(rel_path, name, page):
 
 # -- executed examples -----------------------------------------------------------------------
 
-def _run_page(markdown, page, config, files):
+def _run_page(markdown, page, config, files, pulled=()):
     namespace = {"__name__": "__main__"}
     slug = Path(page.file.src_uri).with_suffix("").as_posix().replace("/", "-")
     page_dir = Path(page.file.src_uri).parent
+    generated = list(pulled)  # what the code printed, computed or is: what prose may quote
     with tempfile.TemporaryDirectory(prefix="npllm-docs-") as tmp:
+        if DATA.is_dir():  # input files the examples read (e.g. scoring.md's sentences.txt)
+            for f in DATA.iterdir():
+                if f.is_file():
+                    shutil.copy(f, tmp)
         out = []
         last = 0
         for n, match in enumerate(EXEC.finditer(markdown)):
-            out.append(markdown[last:match.start()])
+            prose = _values(markdown[last:match.start()], namespace, page, generated)
+            out.append(prose)
             last = match.end()
-            code = match.group(1)
+            kind, code = match.group(1), match.group(2)
+            if kind == "console":
+                shown = _run_console(code, Path(tmp), page, n)
+                generated.append(shown)
+                out.append(f"```console\n{shown.rstrip()}\n```\n")
+                continue
             printed, images = _run_block(code, namespace, Path(tmp), page, n)
+            generated += [code, printed]
             out.append(f"```python\n{code.rstrip()}\n```\n")
             if printed.strip():
                 out.append(f'```text title="output"\n{printed.rstrip()}\n```\n')
@@ -214,8 +253,88 @@ def _run_page(markdown, page, config, files):
                 link = os.path.relpath(dest, page_dir if str(page_dir) != "." else ".")
                 out.append(f"\n![{image.stem}]({Path(link).as_posix()})\n")
                 image.unlink()
-        out.append(markdown[last:])
-    return "".join(out)
+        out.append(_values(markdown[last:], namespace, page, generated))
+    result = "".join(out)
+    check_numbers(result, "\n".join(generated), page.file.src_uri)
+    return result
+
+
+def _values(prose, namespace, page, generated):
+    """``<!--= expression -->`` in prose becomes the expression's value (str), evaluated in the
+    page's namespace as the examples above it left it: a number in a sentence comes from the
+    code, at every build."""
+    def value(match):
+        try:
+            text = str(eval(match.group(1), namespace))
+        except Exception as e:
+            raise PluginError(f"{page.file.src_uri}: the value <!--= {match.group(1)} --> "
+                              f"failed: {type(e).__name__}: {e}") from e
+        generated.append(text)
+        return text
+    return VALUE.sub(value, prose)
+
+
+def _run_console(code, workdir, page, n):
+    """Run each ``$ npllm ...`` line of a console block with npllm's CLI, in process (the
+    build's memoised model), and show it followed by what it printed on stdout."""
+    from npllm.cli import main
+    shown = []
+    cwd = os.getcwd()
+    for line in code.splitlines():
+        shown.append(line)
+        if not line.startswith("$ "):
+            continue
+        argv = shlex.split(line[2:], comments=True)
+        if argv[:1] != ["npllm"]:
+            raise PluginError(f"{page.file.src_uri}: console example {n + 1} runs only npllm "
+                              f"commands, got {line!r}")
+        stdout = io.StringIO()
+        try:
+            os.chdir(workdir)
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    status = main(argv[1:])
+                except SystemExit as e:  # argparse's --help and --version exit
+                    status = e.code or 0
+        finally:
+            os.chdir(cwd)
+        if status:
+            raise PluginError(f"{page.file.src_uri}: console example {n + 1}: {line!r} "
+                              f"exited with {status}")
+        shown.append(stdout.getvalue().rstrip("\n"))
+    return "\n".join(shown)
+
+
+def _prose(markdown):
+    """The sentences of a page: no code blocks, inline code, formulas or HTML comments."""
+    text = FENCE.sub("", markdown)
+    for pattern in (r"`[^`\n]*`", r"\$\$.*?\$\$", r"\$[^$\n]*\$", r"<!--.*?-->", r"\]\([^)]*\)"):
+        text = re.sub(pattern, "", text, flags=re.S)
+    return text
+
+
+def check_numbers(markdown, generated, name):
+    """Fail the build when a sentence states a number the code did not print.
+
+    Numbers that look measured (a decimal point, a percent sign, thousands separators) in the
+    prose of a page with examples must appear in what the page's examples printed or computed
+    (their outputs, their code, ``<!--= ... -->`` values, the source and tests the page pulls),
+    or be declared on the page: fixed inputs with ``<!-- numbers: 0.2 0.9 (the lecture's
+    settings) -->``, a dated measurement with ``<!-- recorded: 7.6 13.1 (command, date) -->``.
+    So a number copied from an old run cannot silently drift from what the code prints today.
+    """
+    if name in RECORDED_PAGES:
+        return
+    declared = set()
+    for match in DECLARED.finditer(markdown):
+        declared.update(NUMBER.findall(match.group(1)))
+    known = set(NUMBER.findall(generated))
+    missing = [x for x in NUMBER.findall(_prose(markdown)) if x not in known | declared]
+    if missing:
+        raise PluginError(f"{name}: the prose states {', '.join(dict.fromkeys(missing))}, which "
+                          f"no example on the page printed: compute it with <!--= expression -->, "
+                          f"run the command in a console exec block, or declare a fixed input "
+                          f"with <!-- numbers: ... -->")
 
 
 def _run_block(code, namespace, workdir, page, n):

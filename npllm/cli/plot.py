@@ -6,6 +6,8 @@
     npllm plot logit-lens "The capital of France is" -o lens.png
     npllm plot embeddings Cat Dog Bird Machine Car -o words.png
     npllm plot positions --positions 64 -C 10000 -o positions.png
+    npllm plot attention-output " 2 + 2 = " --layer 0 -o out.png
+    npllm plot animation " 2 + 2 - 3 = " --layers 0 29 --tokens 15 -o animation.gif
 """
 import sys
 
@@ -16,6 +18,8 @@ KINDS = {
     "logit-lens": "what each layer would predict at each position",
     "embeddings": "PCA scatter of words or sentences",
     "positions": "sinusoidal positional encoding vs RoPE",
+    "attention-output": "lecture 003's out @ out.T heatmap of one layer's attention output",
+    "animation": "lecture 003's out @ out.T per generated token, as a GIF or HTML player",
 }
 
 
@@ -32,9 +36,10 @@ def add_parser(sub):
         if text:
             k.add_argument("text", help="the text to run through the model ('-': read stdin)")
         add_model_argument(k)
+        out = f"{name}.gif" if name == "animation" else f"{name}.png"
         k.add_argument("-o", "--output", metavar="FILE", default=None,
-                       help=f"the image to write (default: {name}.png)")
-        k.set_defaults(func=run)
+                       help=f"the image to write (default: {out})")
+        k.set_defaults(func=run, default_output=out)
         return k
 
     def chat(k):
@@ -58,6 +63,20 @@ def add_parser(sub):
     chat(k)
 
     k = kind("logit-lens")
+    chat(k)
+
+    k = kind("attention-output")
+    k.add_argument("-l", "--layer", type=int, default=0,
+                   help="layer, from 0 (negative: from the end; default 0)")
+    chat(k)
+
+    k = kind("animation")
+    k.add_argument("--layers", type=int, nargs="+", default=[0, -1], metavar="LAYER",
+                   help="layers drawn side by side (default: 0 -1, the first and the last)")
+    k.add_argument("--tokens", type=int, default=15,
+                   help="tokens to generate greedily, one frame each (default 15)")
+    k.add_argument("--seconds", type=float, default=0.6, help="seconds per frame (default 0.6)")
+    k.description += " -o FILE.gif writes an animated GIF, -o FILE.html a page with a player."
     chat(k)
 
     k = kinds.add_parser("embeddings", help=KINDS["embeddings"],
@@ -95,10 +114,14 @@ def run(args):
     import npllm
     from npllm import plot
 
-    text = _text(args) if args.kind in ("attention", "heads", "next-token", "logit-lens") \
+    text = _text(args) if args.kind in ("attention", "heads", "next-token", "logit-lens",
+                                        "attention-output", "animation") \
         else None  # read before the model is loaded: a closed stdin fails at once
+    path = args.output or getattr(args, "default_output", f"{args.kind}.png")
+    if args.kind == "animation":  # a wrong extension fails before the model loads
+        from npllm.animate import check_animation_path
+        check_animation_path(path)
     model = npllm.load(args.model, backend=args.backend)
-    path = args.output or f"{args.kind}.png"
     if args.kind == "attention":
         plot.attention(model, text, args.layer, args.head, args.chat, path=path)
     elif args.kind == "heads":
@@ -113,4 +136,13 @@ def run(args):
                         args.C, path=path)
     elif args.kind == "positions":
         plot.positions(model, args.positions, args.C, path=path)
+    elif args.kind == "attention-output":
+        from npllm import animate
+        animate.attention_output(model, text, args.layer, args.chat, path=path)
+    elif args.kind == "animation":
+        from npllm import animate
+        generation = animate.attention_output_animation(
+            model, text, path, args.layers, args.tokens, args.chat, args.seconds)
+        print(f"npllm plot animation: {len(generation.ids)} frames, one per generated token: "
+              f"{generation.text!r}", file=sys.stderr)
     print(f"npllm plot {args.kind}: wrote {path}", file=sys.stderr)

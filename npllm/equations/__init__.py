@@ -4,12 +4,14 @@ Modules follow the lectures' topics: ``probability`` (chain rule, cross-entropy,
 ``softmax`` (softmax, log-softmax, LM head), ``attention`` (causal mask, scaled dot-product,
 grouped-query attention, KV-cache decoding), ``position`` (RoPE in both layouts, sinusoidal
 encoding), ``mlp`` (SiLU, GELU, SwiGLU), ``norm`` (RMSNorm, LayerNorm), ``decoding`` (greedy,
-temperature, top-k, top-p, sampling) and ``counting`` (parameters, FLOPs, Chinchilla).
+temperature, top-k, top-p, sampling), ``counting`` (parameters, FLOPs, Chinchilla), ``bpe``
+(learning and applying byte-pair merges) and ``recurrent`` (RNN, LSTM, GRU cells, BPTT).
 Shape letters (T, S, D, H, K, Dh, F, V, L) are those of the package docstring.
 Every function is tested against torch / transformers in ``tests/test_equations_*.py``.
 """
 from .attention import (attention_pattern, causal_mask, decode_attention, grouped_query_attention,
                         merge_heads, repeat_kv, scaled_dot_product_attention, split_heads)
+from .bpe import apply_merges, bpe_encode, count_pairs, learn_merges, merge_pair, pre_tokenize
 from .counting import (attention_parameters, chinchilla_optimal_tokens, embedding_parameters,
                        forward_flops_per_token, llama_parameter_counts, mlp_parameters,
                        norm_parameters, training_flops)
@@ -21,6 +23,8 @@ from .position import (apply_rope, apply_rope_interleaved, interleaved_to_half_r
                        rope_cos_sin, rope_inverse_frequencies, rotate_half, sinusoidal_encoding)
 from .probability import (bits_per_byte, cross_entropy, lm_head_log_probs, perplexity,
                           sequence_log_prob, token_log_probs)
+from .recurrent import (gru_bptt, gru_cell, gru_forward, lstm_bptt, lstm_cell, lstm_forward,
+                        rnn_bptt, rnn_cell, rnn_forward)
 from .softmax import lm_head, log_softmax, softmax
 
 __all__ = [
@@ -44,4 +48,9 @@ __all__ = [
     "embedding_parameters", "attention_parameters", "mlp_parameters", "norm_parameters",
     "llama_parameter_counts", "chinchilla_optimal_tokens", "forward_flops_per_token",
     "training_flops",
+    # bpe (lecture 001)
+    "pre_tokenize", "count_pairs", "merge_pair", "learn_merges", "apply_merges", "bpe_encode",
+    # recurrent (lectures 001, 004)
+    "rnn_cell", "lstm_cell", "gru_cell", "rnn_forward", "rnn_bptt", "lstm_forward", "lstm_bptt",
+    "gru_forward", "gru_bptt",
 ]
