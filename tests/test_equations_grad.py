@@ -82,12 +82,14 @@ def test_linear_backward_matches_autograd(seed, lead, n_in, n_out):
 
 # ---- embedding and residual ------------------------------------------------------------------
 
-@given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 16), V=st.integers(1, 10), D=st.integers(1, 16))
-def test_embedding_backward_matches_autograd(seed, B, T, V, D):
+@given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 16), V=st.integers(1, 10), D=st.integers(1, 16),
+       pad=st.sampled_from([None, 0]))
+def test_embedding_backward_matches_autograd(seed, B, T, V, D, pad):
     E, d_x = draw(seed, (V, D), (B, T, D))
     ids = np.random.default_rng(seed).integers(0, V, (B, T))  # small V: tokens repeat
-    (expected,) = torch_grads(lambda E: F.embedding(torch.from_numpy(ids), E), E, d_out=d_x)
-    assert_grad_close(embedding_backward(d_x, ids, V), expected)
+    (expected,) = torch_grads(lambda E: F.embedding(torch.from_numpy(ids), E, padding_idx=pad),
+                              E, d_out=d_x)
+    assert_grad_close(embedding_backward(d_x, ids, V, padding_idx=pad), expected)
 
 
 @given(seed=seeds, T=st.integers(1, 8), D=st.integers(1, 16))

@@ -71,20 +71,24 @@ def linear_backward(d_y, x, W):
     return (d_y2 @ W).reshape(x.shape), d_y2.T @ x2
 
 
-def embedding_backward(d_x, ids, V):
+def embedding_backward(d_x, ids, V, padding_idx=None):
     r"""Gradient of the embedding lookup :math:`x_t = E_{s_t}` (lecture 004; HF ``nn.Embedding``).
 
     .. math::
         \bar E_v = \sum_{t\,:\,s_t = v} \bar x_t
 
     d_x [..., D], ids int [...], V -> d_E [V, D]. A token's row collects the gradient of every
-    position where it occurs; rows of tokens absent from the batch get zero.
+    position where it occurs; rows of tokens absent from the batch get zero. ``padding_idx``:
+    a row that gets no gradient, as ``nn.Embedding(..., padding_idx)`` (transformers' Llama
+    passes ``config.pad_token_id``), so the padding token's vector is never trained.
     """
     d_x = as_array(d_x, "d_x", "[..., D]")
     ids = np.asarray(ids)
     require(ids.shape == d_x.shape[:-1], f"ids must have shape {d_x.shape[:-1]}, got {ids.shape}")
     d_E = np.zeros((V, d_x.shape[-1]), np.float32)
     np.add.at(d_E, ids.reshape(-1), d_x.reshape(-1, d_x.shape[-1]))
+    if padding_idx is not None:
+        d_E[padding_idx] = 0
     return d_E
 
 
