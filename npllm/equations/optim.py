@@ -86,7 +86,7 @@ def clip_by_global_norm(grads, max_norm):
     grads = [as_array(g, "grad", "[...]") for g in grads]
     norm = global_norm(grads)
     factor = min(1.0, max_norm / (norm + 1e-6))
-    return [g * np.float32(factor) for g in grads], norm
+    return [g if factor == 1.0 else g * np.float32(factor) for g in grads], norm
 
 
 def warmup_cosine_lr(step, lr, warmup_steps, total_steps, min_lr_ratio=0.0):

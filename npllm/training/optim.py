@@ -5,6 +5,8 @@ Weights are the ``{HF name: array}`` dict of a model; tied names (``lm_head.weig
 ``model.embed_tokens.weight`` as one array) are one parameter, updated once. Updates are written
 into the weight arrays, so a :class:`~npllm.model.Model` holding them sees the new values.
 """
+import os
+
 import numpy as np
 
 from npllm.equations import adamw_step, sgd_step
@@ -46,10 +48,17 @@ class SGD:
         self.step_count = int(state["step"])
 
 
+def fused():
+    """Whether AdamW runs its Numba twin (:mod:`npllm.training.kernels`): unless
+    ``NPLLM_BACKEND=numpy`` asks for the readable equations only. Same numbers either way."""
+    return os.environ.get("NPLLM_BACKEND", "numba").strip().lower() != "numpy"
+
+
 class AdamW:
     """AdamW over a model (``torch.optim.AdamW`` with two parameter groups: matrices with
     ``weight_decay``, norm gains without). The state is the first and second moments m, v per
-    weight and the number of steps taken."""
+    weight and the number of steps taken. The update is :func:`npllm.equations.adamw_step`, or
+    its Numba twin (one pass, in place) on the default backend."""
 
     def __init__(self, weights, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
@@ -62,11 +71,15 @@ class AdamW:
         """One update of every weight (in place) from ``grads`` (same names)."""
         lr = self.lr if lr is None else lr
         self.step_count += 1
+        step = adamw_step
+        if fused():
+            from npllm.training.kernels import adamw_step_ as step
         for name, w in parameters(weights).items():
             decay = self.weight_decay if decays(name, w) else 0.0
-            w[...], self.m[name], self.v[name] = adamw_step(
-                w, grads[name], self.m[name], self.v[name], self.step_count, lr, self.betas,
-                self.eps, decay)
+            new = step(w, grads[name], self.m[name], self.v[name], self.step_count, lr,
+                       self.betas, self.eps, decay)
+            if new is not None:  # the equation returns new arrays; its twin wrote in place
+                w[...], self.m[name], self.v[name] = new
 
     def state_dict(self):
         """The state as flat arrays (for a safetensors file): ``m.<name>``, ``v.<name>``, ``step``."""
