@@ -106,6 +106,19 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path):
         train(scratch=True, out=tmp_path, resume=True, progress=False)
 
 
+def test_a_missing_text_file_is_refused_not_trained_on(tmp_path):
+    with pytest.raises(TrainingError, match="notes.txt is not a file"):
+        train(scratch=True, text=str(tmp_path / "notes.txt"), progress=False)
+
+
+def test_zero_steps_give_the_untrained_model_at_log_v():
+    run = train(scratch=True, steps=0, progress=False)
+    assert run.losses == []
+    ids = np.array(run.model.tokenizer.encode(shipped_text()[:400]))
+    loss = -np.mean(run.model(ids[:-1], targets=ids[1:]))
+    assert abs(loss - np.log(run.model.config.vocab_size)) < 0.05  # a uniform guess
+
+
 def test_cli_trains_from_scratch_and_saves(tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["train", "--scratch", "--steps", "3", "--batch-size", "2", "--seq-len", "16",

@@ -136,7 +136,7 @@ def train(model=None, text=None, *, scratch=False, out=None, resume=False, steps
     out: a folder for checkpoints (written every ``save_every`` steps and at the end);
       resume: continue the run saved in ``out`` (weights, AdamW's moments, step, losses).
     steps, batch_size, seq_len: the run's length and each step's [batch_size, seq_len] tokens
-      (seq_len is shortened to fit a short text).
+      (seq_len is shortened to fit a short text). ``steps=0`` returns the untrained model.
     lr, warmup, min_lr_ratio: peak learning rate (default 3e-3 from scratch, 1e-4 fine-tuning),
       warm-up steps (default steps // 10), and the cosine's floor as a fraction of lr.
     weight_decay, betas, grad_clip: AdamW's (matrices only) and the global-norm clipping bound.
@@ -269,7 +269,8 @@ def _read_text(text):
     path = Path(text) if isinstance(text, (str, Path)) and len(str(text)) < 4096 else None
     if path is not None and path.is_file():
         return path.read_text(encoding="utf-8")
-    if isinstance(text, Path):
+    if isinstance(text, Path) or (isinstance(text, str) and "\n" not in text
+                                  and Path(text).suffix in (".txt", ".md", ".text")):
         raise TrainingError(f"{text} is not a file: give the path of a UTF-8 text file")
     return text
 
