@@ -691,3 +691,131 @@ def print_table(report):
 
 if __name__ == "__main__":
     main()
+
+
+# -- the training step (issue 16): forward + backward + AdamW, npllm against torch eager ------
+#
+# Self-contained: run it with `python scripts/bench.py` after main() calls train_step_rows(),
+# or on its own: python -c "import sys; sys.path.insert(0, 'scripts'); import bench; bench.train_step_main()"
+
+TRAIN_TOKENS = 256
+
+TRAIN_STEP_PROBE = r"""
+import json, resource, sys, time
+import numpy as np
+side, folder, T, repeats, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if side == "npllm":
+    import npllm
+    from npllm.training import AdamW, loss_and_grads
+    from npllm.training.optim import parameters
+    model = npllm.load(folder, packed=False)
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, T + 1))
+    copies = {id(w): np.array(w, np.float32) for w in parameters(model.weights).values()}
+    weights = {name: copies[id(w)] for name, w in model.weights.items()}
+    n_params = sum(w.size for w in copies.values())
+    config = model.config
+    del model, copies  # (the file's memory map is released: only the trainable copies stay)
+    opt = AdamW(weights, lr=1e-5, weight_decay=0.1)
+    def step():
+        loss, grads = loss_and_grads(weights, config, ids[:, :-1], ids[:, 1:])
+        opt.step(weights, grads)
+        return loss
+else:
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.train()
+    vocab = model.config.vocab_size
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, (1, T + 1)))
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(ids[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        return loss.item()
+loaded = peak()
+first_loss = step()  # warm-up: allocates the gradients and AdamW's moments
+seconds = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    seconds.append(time.perf_counter() - start)
+print(json.dumps({"seconds": seconds, "first_loss": first_loss, "peak_rss_mib": peak(),
+                  "rss_after_load_mib": loaded, "weights_mib": n_params * 4 / 2**20}))
+"""
+
+
+def train_step_rows(threads=2, tokens=TRAIN_TOKENS, rounds=3, repeats=2, log=print):
+    """One training step (forward, backward, AdamW) on the default model, ``tokens`` tokens,
+    npllm (``npllm.training``) against transformers + ``torch.optim.AdamW`` in eager mode.
+
+    Each side runs in fresh processes (own thread pools, own peak memory), alternating
+    npllm, torch, npllm, torch... for ``rounds`` rounds of ``repeats`` timed steps after a
+    warm-up step; the median step time gives tokens/s. Peak resident memory is compared with
+    4x the float32 weights (weights, gradients and AdamW's two moments). Returns table rows
+    as ``summarise`` makes them, and a check that both sides computed the same first loss.
+    """
+    import statistics
+    import numpy as np
+    import npllm
+    folder = str(npllm.load(packed=False).folder)
+    env = thread_env(threads)
+    runs = {"npllm": [], "torch": []}
+    for r in range(rounds):
+        for side in (("npllm", "torch") if r % 2 == 0 else ("torch", "npllm")):
+            runs[side].append(probe(TRAIN_STEP_PROBE, [side, folder, str(tokens), str(repeats),
+                                                      str(threads)], env))
+            log(f"  train step round {r + 1}/{rounds} {side}: "
+                f"{statistics.median(runs[side][-1]['seconds']):.2f}s  "
+                f"(load {os.getloadavg()[0]:.2f})")
+    step = {side: statistics.median(s for run in runs[side] for s in run["seconds"])
+            for side in runs}
+    speed = {side: tokens / step[side] for side in runs}
+    peak = {side: max(run["peak_rss_mib"] for run in runs[side]) for side in runs}
+    weights = runs["npllm"][0]["weights_mib"]
+    rows = [
+        {"measure": f"train step {tokens} tokens (fwd + bwd + AdamW)", "unit": "tokens/s",
+         "npllm": speed["npllm"], "transformers": speed["torch"],
+         "ratio": speed["npllm"] / speed["torch"], "target": ">= 1.0x", "note": ""},
+        {"measure": "train step peak RSS vs 4x float32 weights", "unit": "MiB",
+         "npllm": peak["npllm"], "transformers": peak["torch"],
+         "ratio": peak["npllm"] / peak["torch"], "target": "",
+         "note": f"4x weights = {4 * weights:.0f} MiB: npllm {peak['npllm'] / (4 * weights):.2f}x, "
+                 f"torch {peak['torch'] / (4 * weights):.2f}x",
+         "fraction_of_4x_weights": peak["npllm"] / (4 * weights)},
+    ]
+    first = {side: runs[side][0]["first_loss"] for side in runs}
+    checks = {"train_step_first_loss": first,
+              "train_step_same_loss": bool(np.isclose(first["npllm"], first["torch"], rtol=1e-4))}
+    return rows, checks
+
+
+def train_step_main(argv=None):
+    """``python -c "...; bench.train_step_main()"``: the training-step rows alone."""
+    parser = argparse.ArgumentParser(description="npllm's training step against torch eager")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=TRAIN_TOKENS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args(argv)
+    rows, checks = train_step_rows(args.threads, args.tokens, args.rounds, args.repeats,
+                                   log=lambda m: print(m, file=sys.stderr))
+    print(f"threads {args.threads}, load average {os.getloadavg()[0]:.2f}")
+    for r in rows:
+        print(f"{r['measure']:<52} npllm {r['npllm']:>8.1f}  torch {r['transformers']:>8.1f}  "
+              f"{r['ratio']:.2f}x  {r['unit']}" + (f"  ({r['note']})" if r["note"] else ""))
+    for k, v in checks.items():
+        print(f"check {k}: {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "checks": checks}, f, indent=1)
+    return rows, checks

@@ -8,7 +8,7 @@ import sys
 from npllm import __version__
 
 # Subcommand modules, in the order ``npllm --help`` lists them.
-COMMANDS = ["score", "perplexity", "generate", "chat", "inspect", "convert", "plot"]
+COMMANDS = ["score", "perplexity", "generate", "chat", "inspect", "convert", "plot", "train"]
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 

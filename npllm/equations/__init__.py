@@ -5,7 +5,8 @@ Modules follow the lectures' topics: ``probability`` (chain rule, cross-entropy,
 grouped-query attention, KV-cache decoding), ``position`` (RoPE in both layouts, sinusoidal
 encoding), ``mlp`` (SiLU, GELU, SwiGLU), ``norm`` (RMSNorm, LayerNorm), ``decoding`` (greedy,
 temperature, top-k, top-p, sampling), ``counting`` (parameters, FLOPs, Chinchilla), ``bpe``
-(learning and applying byte-pair merges) and ``recurrent`` (RNN, LSTM, GRU cells, BPTT).
+(learning and applying byte-pair merges), ``recurrent`` (RNN, LSTM, GRU cells, BPTT), ``grad``
+(the backward of every forward equation) and ``optim`` (SGD, AdamW, clipping, the schedule).
 Shape letters (T, S, D, H, K, Dh, F, V, L) are those of the package docstring.
 Every function is tested against torch / transformers in ``tests/test_equations_*.py``.
 """
@@ -17,8 +18,13 @@ from .counting import (attention_parameters, chinchilla_optimal_tokens, embeddin
                        norm_parameters, training_flops)
 from .decoding import (apply_temperature, filter_logits, greedy, sample, top_k_filter,
                        top_p_filter)
+from .grad import (apply_rope_backward, attention_backward, cross_entropy_backward,
+                   embedding_backward, grouped_query_attention_backward, linear_backward,
+                   lm_head_backward, repeat_kv_backward, residual_backward, rms_norm_backward,
+                   silu_backward, softmax_backward, swiglu_backward)
 from .mlp import gelu, silu, swiglu, swiglu_mlp
 from .norm import layer_norm, rms_norm
+from .optim import adamw_step, clip_by_global_norm, global_norm, sgd_step, warmup_cosine_lr
 from .position import (apply_rope, apply_rope_interleaved, interleaved_to_half_rows,
                        rope_cos_sin, rope_inverse_frequencies, rotate_half, sinusoidal_encoding)
 from .probability import (bits_per_byte, cross_entropy, lm_head_log_probs, perplexity,
@@ -53,4 +59,11 @@ __all__ = [
     # recurrent (lectures 001, 004)
     "rnn_cell", "lstm_cell", "gru_cell", "rnn_forward", "rnn_bptt", "lstm_forward", "lstm_bptt",
     "gru_forward", "gru_bptt",
+    # gradients (lectures 000, 004: every forward equation's backward)
+    "cross_entropy_backward", "lm_head_backward", "linear_backward", "embedding_backward",
+    "residual_backward", "rms_norm_backward", "apply_rope_backward", "silu_backward",
+    "swiglu_backward", "softmax_backward", "attention_backward", "repeat_kv_backward",
+    "grouped_query_attention_backward",
+    # optimisation (lecture 004)
+    "sgd_step", "adamw_step", "global_norm", "clip_by_global_norm", "warmup_cosine_lr",
 ]
