@@ -262,9 +262,10 @@ def score(model, texts, context=None, *, client, partition_size=DEFAULT_PARTITIO
     >>> with local_cluster(2) as client:                             # doctest: +SKIP
     ...     scores = score(None, sentences, client=client)
     """
-    from npllm.score import ScoreError, _normalise_items
+    from npllm.errors import ScoreError
+    from npllm.score.windows import normalise_items
 
-    single, items = _normalise_items(texts, context)
+    single, items = normalise_items(texts, context)
     out = []
     for i, r in iter_scores(model, items, client=client, partition_size=partition_size,
                             parts_dir=parts_dir, **settings):
