@@ -16,6 +16,7 @@ independent forward passes (``npllm.score``'s batches).
 import os
 
 from npllm.engine.fast import NumbaEngine, load_numba_engine
+from npllm.engine.packed import check_packed
 from npllm.engine.reference import ReferenceEngine
 
 ENGINES = ("numba", "reference")
@@ -36,6 +37,8 @@ def make_engine(name, config, weights, folder=None, packed=True, threads=None):
     """The engine ``name`` (see :func:`engine_name`) for a model's config and weights; the Numba
     engine also maps the packed matrices of ``folder`` unless ``packed`` is false."""
     if engine_name(name) == "reference":
+        if folder is not None:
+            check_packed(folder)
         return ReferenceEngine(config, weights)
     return load_numba_engine(config, weights, folder, packed, threads)
 

@@ -135,6 +135,19 @@ def _ggml_types(path, metadata):
     return types
 
 
+def check_packed(folder):
+    """Check ``folder``'s packed file, if it has one, against what its import recorded (size,
+    header, CRC-32s: :func:`npllm.model.integrity.verify_packed`), even where no engine reads
+    it: a damaged file is one clear error at load, whatever the engine. Returns its header,
+    data start and metadata, or None without the file."""
+    path = Path(folder) / PACKED_FILE
+    if not path.is_file():
+        return None
+    header, data_start, metadata = read_safetensors_header(path)
+    verify_packed(path, header, data_start, metadata)
+    return header, data_start, metadata
+
+
 def load_packed(folder, config, tied=None):
     """The packed weights of ``folder`` (``{HF name: PackedWeight}``), or ``{}`` without them.
 
@@ -145,11 +158,11 @@ def load_packed(folder, config, tied=None):
     their float32 weights). Raises :class:`~npllm.errors.WeightsError` for a file that does not
     match the model.
     """
-    path = Path(folder) / PACKED_FILE
-    if not path.is_file():
+    checked = check_packed(folder)
+    if checked is None:
         return {}
-    header, data_start, metadata = read_safetensors_header(path)
-    verify_packed(path, header, data_start, metadata)
+    path = Path(folder) / PACKED_FILE
+    header, data_start, metadata = checked
     types = _ggml_types(path, metadata)
     tied = config.tie_word_embeddings if tied is None else tied
     shapes = expected_shapes(config)

@@ -86,7 +86,8 @@ def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None,
 
 def score(model, texts, context=None, *, bos="auto", base="e", window=None, stride=None,
           slide=True, batch_size=DEFAULT_BATCH_SIZE, with_rank=False, with_entropy=False,
-          with_greedy=False, progress=False, return_errors=False, split_special_tokens=False):
+          with_greedy=False, progress=False, return_errors=False, split_special_tokens=False,
+          client=None):
     r"""Log-probabilities of ``texts`` under ``model``, token by token (lecture 000).
 
     .. math::
@@ -110,6 +111,9 @@ def score(model, texts, context=None, *, bos="auto", base="e", window=None, stri
     scored as the special token (False, the default: chat transcripts score as the model saw
     them in training) or as plain text, its characters' ordinary tokens (True).
 
+    ``client``: a ``dask.distributed.Client``: the texts are scored on its workers
+    (:mod:`npllm.distributed`; each loads the model from its folder once), same results.
+
     A text that cannot be scored raises :class:`ScoreError` (``index`` says which); with
     ``return_errors=True`` its slot holds the error instead and the others are still scored.
 
@@ -117,6 +121,14 @@ def score(model, texts, context=None, *, bos="auto", base="e", window=None, stri
     >>> print(s.explain())                                         # doctest: +SKIP
     P(He runs fast) = P(He) x P( runs | He) x P( fast | He runs)
     """
+    if client is not None:  # a dask.distributed Client: scored on its workers, same results
+        from npllm import distributed
+        return distributed.score(model, texts, context, client=client, bos=bos, base=base,
+                                 window=window, stride=stride, slide=slide,
+                                 batch_size=batch_size, with_rank=with_rank,
+                                 with_entropy=with_entropy, with_greedy=with_greedy,
+                                 progress=progress, return_errors=return_errors,
+                                 split_special_tokens=split_special_tokens)
     single, items = normalise_items(texts, context)
     results = []
     for _, r in iter_scores(model, items, bos=bos, base=base, window=window, stride=stride,
