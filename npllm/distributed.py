@@ -182,14 +182,27 @@ def local_cluster(n_workers=2):
         cluster.close()
 
 
+def _model_spec(model, backend):
+    """(name, backend) for the workers to load: a name or path as given, or a loaded model's
+    folder and backend."""
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return (None if model is None else str(model)), backend
+    folder = getattr(model, "folder", None)
+    if folder is None:
+        raise ClusterError("this model was not loaded from a folder the workers could load: "
+                           "give its name or path instead")
+    return str(folder), backend if backend is not None else getattr(model, "backend", None)
+
+
 def iter_scores(model, items, *, client, parts_dir=None, partition_size=DEFAULT_PARTITION_SIZE,
-                skip=(), log=None, **settings):
+                skip=(), log=None, progress=False, **settings):
     """Like :func:`npllm.score.iter_scores`, on the workers of ``client``: ``(index, result)``
     in input order, ``result`` a :class:`~npllm.score.TextScore` or the
     :class:`~npllm.score.ScoreError` the item raised.
 
     ``model``: what ``npllm.load`` accepts on the workers (a name, or a path they can all
-    read; None: the default model); ``backend=`` may be among ``settings``, the rest are
+    read; None: the default model), or a loaded model (its folder is loaded on the workers);
+    ``backend=`` may be among ``settings``, the rest are
     ``iter_scores``'s (``bos``, ``base``, ``window``, ``stride``, ``slide``, ``batch_size``,
     ``with_rank``, ``with_entropy``, ``with_greedy``). ``skip``: indices left out of the output
     (a partition made only of them is not scored). ``parts_dir``: where finished partitions
@@ -197,7 +210,7 @@ def iter_scores(model, items, *, client, parts_dir=None, partition_size=DEFAULT_
     the plan.
     """
     distributed = _dask()
-    backend = settings.pop("backend", None)
+    model, backend = _model_spec(model, settings.pop("backend", None))
     settings.setdefault("batch_size", 16)
     items = [(it, None) if isinstance(it, str) or it is None else tuple(it) for it in items]
     skip = set(skip)
@@ -233,6 +246,11 @@ def iter_scores(model, items, *, client, parts_dir=None, partition_size=DEFAULT_
             next_submit += 1
 
     submit_more()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(1 for p in parts for i in p if i not in skip), unit="text",
+                   desc="scoring", disable=None)
     try:
         for p in parts:
             while p.start not in done:
@@ -247,7 +265,11 @@ def iter_scores(model, items, *, client, parts_dir=None, partition_size=DEFAULT_
             for i, result in done.pop(p.start):
                 if i not in skip:
                     yield i, result
+                    if bar is not None:
+                        bar.update(1)
     finally:
+        if bar is not None:
+            bar.close()
         for _, future in owner.values():
             future.cancel()
     if parts_dir is not None:
@@ -256,8 +278,9 @@ def iter_scores(model, items, *, client, parts_dir=None, partition_size=DEFAULT_
 
 def score(model, texts, context=None, *, client, partition_size=DEFAULT_PARTITION_SIZE,
           parts_dir=None, return_errors=False, **settings):
-    """:func:`npllm.score` on a Dask cluster: a list of :class:`~npllm.score.TextScore`, one per
-    text, in order (``model`` is a name the workers load; see :func:`iter_scores`).
+    """:func:`npllm.score` on a Dask cluster (``npllm.score(..., client=client)`` comes here): a
+    :class:`~npllm.score.TextScore` per text, in order, or one for a single string. ``model``:
+    a name the workers load, or a loaded model (see :func:`iter_scores`).
 
     >>> with local_cluster(2) as client:                             # doctest: +SKIP
     ...     scores = score(None, sentences, client=client)
@@ -269,7 +292,7 @@ def score(model, texts, context=None, *, client, partition_size=DEFAULT_PARTITIO
     for i, r in iter_scores(model, items, client=client, partition_size=partition_size,
                             parts_dir=parts_dir, **settings):
         if isinstance(r, ScoreError) and not return_errors:
-            raise ScoreError(f"texts[{i}]: {r}", i)
+            raise ScoreError(f"{'' if single else f'texts[{i}]: '}{r}", i)
         out.append(r)
     return out[0] if single else out
 

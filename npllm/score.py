@@ -778,7 +778,7 @@ def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None,
 
 def score(model, texts, context=None, *, bos="auto", base="e", window=None, stride=None,
           slide=True, batch_size=DEFAULT_BATCH_SIZE, with_rank=False, with_entropy=False,
-          with_greedy=False, progress=False, return_errors=False):
+          with_greedy=False, progress=False, return_errors=False, client=None):
     r"""Log-probabilities of ``texts`` under ``model``, token by token (lecture 000).
 
     .. math::
@@ -799,6 +799,9 @@ def score(model, texts, context=None, *, bos="auto", base="e", window=None, stri
     ``with_rank`` (1 = the most likely token), ``with_entropy`` (of the predicted distribution,
     in ``base``), ``with_greedy`` (is the token the argmax) add per-token lists.
 
+    ``client``: a ``dask.distributed.Client``: the texts are scored on its workers
+    (:mod:`npllm.distributed`; each loads the model from its folder once), same results.
+
     A text that cannot be scored raises :class:`ScoreError` (``index`` says which); with
     ``return_errors=True`` its slot holds the error instead and the others are still scored.
 
@@ -806,6 +809,13 @@ def score(model, texts, context=None, *, bos="auto", base="e", window=None, stri
     >>> print(s.explain())                                         # doctest: +SKIP
     P(He runs fast) = P(He) x P( runs | He) x P( fast | He runs)
     """
+    if client is not None:  # a dask.distributed Client: scored on its workers, same results
+        from npllm import distributed
+        return distributed.score(model, texts, context, client=client, bos=bos, base=base,
+                                 window=window, stride=stride, slide=slide,
+                                 batch_size=batch_size, with_rank=with_rank,
+                                 with_entropy=with_entropy, with_greedy=with_greedy,
+                                 progress=progress, return_errors=return_errors)
     single, items = _normalise_items(texts, context)
     results = []
     for _, r in iter_scores(model, items, bos=bos, base=base, window=window, stride=stride,

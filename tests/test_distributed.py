@@ -199,21 +199,29 @@ def test_resumed_partitions_are_loaded_not_scored_again(folder, corpus, referenc
 def test_python_api_equals_npllm_score(folder, cluster):
     import npllm
     from npllm import distributed as nd
+    from npllm.score import ScoreError
 
     _, client = cluster
     texts = [" ".join(random.Random(k).choices(WORDS, k=5 + k % 17)) for k in range(300)]
     texts[3] = ""
     model = npllm.load(str(folder))
     expected = npllm.score(model, texts, with_rank=True, return_errors=True)
-    got = nd.score(str(folder), texts, client=client, with_rank=True, return_errors=True,
-                   partition_size=40)
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
+    by_name = nd.score(str(folder), texts, client=client, with_rank=True, return_errors=True,
+                       partition_size=40)
+    by_model = npllm.score(model, texts, client=client, with_rank=True, return_errors=True)
+    assert len(by_name) == len(by_model) == len(expected)
+    for g, e in [*zip(by_name, expected), *zip(by_model, expected)]:
         if isinstance(e, Exception):
             assert isinstance(g, Exception) and str(g) == str(e) and g.index == e.index
             continue
         assert g.index == e.index and g.token_ids == e.token_ids and g.ranks == e.ranks
         assert_same(g.log_probs, e.log_probs)
+    with pytest.raises(ScoreError, match="^texts\\[3\\]: the text is empty"):
+        npllm.score(model, texts, client=client)
+    with pytest.raises(ScoreError, match="^the text is empty"):
+        npllm.score(model, "", client=client)
+    assert npllm.score(model, "He runs", client=client).token_ids == \
+        npllm.score(model, "He runs").token_ids
 
 
 def test_cluster_options_are_checked(folder, corpus, tmp_path):
