@@ -83,8 +83,8 @@ def _fingerprint(model, settings, items):
     return h.hexdigest()
 
 
-def _part_path(parts_dir, part):
-    return Path(parts_dir) / f"part-{part.start:010d}-{part.stop:010d}.pkl"
+def _part_path(parts_dir, part, fingerprint):
+    return Path(parts_dir) / f"part-{part.start:010d}-{part.stop:010d}-{fingerprint[:16]}.pkl"
 
 
 def _read_part(path, fingerprint):
@@ -218,31 +218,33 @@ def iter_scores(model, items, *, client, parts_dir=None, partition_size=DEFAULT_
              if not all(i in skip for i in p)]
     if parts_dir is not None:
         Path(parts_dir).mkdir(parents=True, exist_ok=True)
-    done, prints = {}, {}
-    for p in parts:
-        prints[p.start] = _fingerprint((model, backend), settings, items[p.start:p.stop])
-        if parts_dir is not None:
-            found = _read_part(_part_path(parts_dir, p), prints[p.start])
-            if found is not None:
-                done[p.start] = found
+    prints = {p.start: _fingerprint((model, backend), settings, items[p.start:p.stop])
+              for p in parts}
+    # Committed partitions are read when their turn comes, not all at once.
+    on_disk = {p.start for p in parts
+               if parts_dir is not None and _part_path(parts_dir, p, prints[p.start]).exists()}
+    n_workers = len(client.scheduler_info().get("workers", {}))
     if log is not None:
-        n_workers = len(client.scheduler_info().get("workers", {}))
-        log(f"{len(parts)} partitions of up to {max(partition_size, 1)} texts on a Dask cluster "
+        log(f"{len(parts)} partitions of about {max(partition_size, 1)} texts on a Dask cluster "
             f"({client.scheduler_info().get('address')}, {n_workers} workers)"
-            + (f"; {len(done)} of them already done in {parts_dir}" if done else ""))
-    ahead = max(8, 3 * len(client.scheduler_info().get("workers", {})))
-    pending = [p for p in parts if p.start not in done]
+            + (f"; {len(on_disk)} of them already done in {parts_dir}" if on_disk else ""))
+    # Partitions running or finished but not yet yielded: enough to keep every worker busy
+    # while an earlier one is still running, few enough to bound the client's memory.
+    ahead = max(8, 3 * n_workers)
+    pending = [p for p in parts if p.start not in on_disk]
     futures, owner = distributed.as_completed(), {}  # owner: future key -> (partition, future)
-    next_submit = 0
+    done, next_submit = {}, 0
+
+    def submit(p):
+        future = client.submit(_score_partition, model, backend, p.start, items[p.start:p.stop],
+                               settings, pure=False)
+        owner[future.key] = (p, future)
+        futures.add(future)
 
     def submit_more():
         nonlocal next_submit
-        while next_submit < len(pending) and len(owner) < ahead:
-            p = pending[next_submit]
-            future = client.submit(_score_partition, model, backend, p.start,
-                                   items[p.start:p.stop], settings, pure=False)
-            owner[future.key] = (p, future)
-            futures.add(future)
+        while next_submit < len(pending) and len(owner) + len(done) < ahead:
+            submit(pending[next_submit])
             next_submit += 1
 
     submit_more()
@@ -253,13 +255,20 @@ def iter_scores(model, items, *, client, parts_dir=None, partition_size=DEFAULT_
                    desc="scoring", disable=None)
     try:
         for p in parts:
+            if p.start in on_disk:
+                found = _read_part(_part_path(parts_dir, p, prints[p.start]), prints[p.start])
+                if found is None:  # unreadable after all: score it again
+                    submit(p)
+                else:
+                    done[p.start] = found
             while p.start not in done:
                 future = next(futures)
                 q, _ = owner.pop(future.key)
                 results = future.result()
                 future.release()
                 if parts_dir is not None:
-                    _write_part(_part_path(parts_dir, q), prints[q.start], results)
+                    _write_part(_part_path(parts_dir, q, prints[q.start]), prints[q.start],
+                                results)
                 done[q.start] = results
                 submit_more()
             for i, result in done.pop(p.start):
@@ -267,6 +276,7 @@ def iter_scores(model, items, *, client, parts_dir=None, partition_size=DEFAULT_
                     yield i, result
                     if bar is not None:
                         bar.update(1)
+            submit_more()
     finally:
         if bar is not None:
             bar.close()

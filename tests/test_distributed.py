@@ -148,6 +148,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(folder, corpus, reference,
     assert proc.returncode == 1, stderr
     assert_same_records(records(out), reference)
     client.wait_for_workers(2, timeout=60)  # the nanny restarted it, for the next test
+    assert victim not in client.run(os.getpid).values()  # it was killed indeed
 
 
 def test_a_killed_run_resumes_without_losing_or_duplicating(folder, corpus, reference, cluster,
