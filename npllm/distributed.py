@@ -312,15 +312,15 @@ def score(model, texts, context=None, *, client, partition_size=DEFAULT_PARTITIO
 def add_arguments(parser):
     """The ``cluster`` options of ``npllm score``."""
     group = parser.add_argument_group(
-        "cluster", "score on a Dask cluster (pip install 'npllm[dask]'): each worker loads the "
-                   "model once and scores partitions of the input; the output is the one a "
-                   "single process writes, in input order. With -o FILE, finished partitions "
-                   "are kept in FILE.parts/ until the run completes, and --resume reuses them")
+        "cluster", "score on a Dask cluster (pip install 'npllm[dask]'): each worker loads the\n"
+                   "model once and scores partitions of the input; the output is the one a single\n"
+                   "process writes, in input order. With -o FILE, finished partitions are kept in\n"
+                   "FILE.parts/ until the run completes, and --resume reuses them.")
     where = group.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="a running Dask scheduler: tcp://HOST:8786, or a scheduler file "
-                            "(*.json, as dask-jobqueue and `dask scheduler --scheduler-file` "
-                            "write); workers must be able to load --model")
+                            "(*.json, as `dask scheduler --scheduler-file` writes it); every "
+                            "worker must be able to load --model")
     where.add_argument("--local-cluster", type=int, metavar="N",
                        help="start a Dask cluster of N worker processes on this machine")
     group.add_argument("--partition-size", type=int, default=DEFAULT_PARTITION_SIZE,
