@@ -83,8 +83,8 @@ def _fingerprint(model, settings, items):
     return h.hexdigest()
 
 
-def _part_path(parts_dir, part):
-    return Path(parts_dir) / f"part-{part.start:010d}-{part.stop:010d}.pkl"
+def _part_path(parts_dir, part, fingerprint):
+    return Path(parts_dir) / f"part-{part.start:010d}-{part.stop:010d}-{fingerprint[:16]}.pkl"
 
 
 def _read_part(path, fingerprint):
@@ -182,14 +182,27 @@ def local_cluster(n_workers=2):
         cluster.close()
 
 
+def _model_spec(model, backend):
+    """(name, backend) for the workers to load: a name or path as given, or a loaded model's
+    folder and backend."""
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return (None if model is None else str(model)), backend
+    folder = getattr(model, "folder", None)
+    if folder is None:
+        raise ClusterError("this model was not loaded from a folder the workers could load: "
+                           "give its name or path instead")
+    return str(folder), backend if backend is not None else getattr(model, "backend", None)
+
+
 def iter_scores(model, items, *, client, parts_dir=None, partition_size=DEFAULT_PARTITION_SIZE,
-                skip=(), log=None, **settings):
+                skip=(), log=None, progress=False, **settings):
     """Like :func:`npllm.score.iter_scores`, on the workers of ``client``: ``(index, result)``
     in input order, ``result`` a :class:`~npllm.score.TextScore` or the
     :class:`~npllm.score.ScoreError` the item raised.
 
     ``model``: what ``npllm.load`` accepts on the workers (a name, or a path they can all
-    read; None: the default model); ``backend=`` may be among ``settings``, the rest are
+    read; None: the default model), or a loaded model (its folder is loaded on the workers);
+    ``backend=`` may be among ``settings``, the rest are
     ``iter_scores``'s (``bos``, ``base``, ``window``, ``stride``, ``slide``, ``batch_size``,
     ``with_rank``, ``with_entropy``, ``with_greedy``). ``skip``: indices left out of the output
     (a partition made only of them is not scored). ``parts_dir``: where finished partitions
@@ -197,7 +210,7 @@ def iter_scores(model, items, *, client, parts_dir=None, partition_size=DEFAULT_
     the plan.
     """
     distributed = _dask()
-    backend = settings.pop("backend", None)
+    model, backend = _model_spec(model, settings.pop("backend", None))
     settings.setdefault("batch_size", 16)
     items = [(it, None) if isinstance(it, str) or it is None else tuple(it) for it in items]
     skip = set(skip)
@@ -205,49 +218,68 @@ def iter_scores(model, items, *, client, parts_dir=None, partition_size=DEFAULT_
              if not all(i in skip for i in p)]
     if parts_dir is not None:
         Path(parts_dir).mkdir(parents=True, exist_ok=True)
-    done, prints = {}, {}
-    for p in parts:
-        prints[p.start] = _fingerprint((model, backend), settings, items[p.start:p.stop])
-        if parts_dir is not None:
-            found = _read_part(_part_path(parts_dir, p), prints[p.start])
-            if found is not None:
-                done[p.start] = found
+    prints = {p.start: _fingerprint((model, backend), settings, items[p.start:p.stop])
+              for p in parts}
+    # Committed partitions are read when their turn comes, not all at once.
+    on_disk = {p.start for p in parts
+               if parts_dir is not None and _part_path(parts_dir, p, prints[p.start]).exists()}
+    n_workers = len(client.scheduler_info().get("workers", {}))
     if log is not None:
-        n_workers = len(client.scheduler_info().get("workers", {}))
-        log(f"{len(parts)} partitions of up to {max(partition_size, 1)} texts on a Dask cluster "
+        log(f"{len(parts)} partitions of about {max(partition_size, 1)} texts on a Dask cluster "
             f"({client.scheduler_info().get('address')}, {n_workers} workers)"
-            + (f"; {len(done)} of them already done in {parts_dir}" if done else ""))
-    ahead = max(8, 3 * len(client.scheduler_info().get("workers", {})))
-    pending = [p for p in parts if p.start not in done]
+            + (f"; {len(on_disk)} of them already done in {parts_dir}" if on_disk else ""))
+    # Partitions running or finished but not yet yielded: enough to keep every worker busy
+    # while an earlier one is still running, few enough to bound the client's memory.
+    ahead = max(8, 3 * n_workers)
+    pending = [p for p in parts if p.start not in on_disk]
     futures, owner = distributed.as_completed(), {}  # owner: future key -> (partition, future)
-    next_submit = 0
+    done, next_submit = {}, 0
+
+    def submit(p):
+        future = client.submit(_score_partition, model, backend, p.start, items[p.start:p.stop],
+                               settings, pure=False)
+        owner[future.key] = (p, future)
+        futures.add(future)
 
     def submit_more():
         nonlocal next_submit
-        while next_submit < len(pending) and len(owner) < ahead:
-            p = pending[next_submit]
-            future = client.submit(_score_partition, model, backend, p.start,
-                                   items[p.start:p.stop], settings, pure=False)
-            owner[future.key] = (p, future)
-            futures.add(future)
+        while next_submit < len(pending) and len(owner) + len(done) < ahead:
+            submit(pending[next_submit])
             next_submit += 1
 
     submit_more()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(1 for p in parts for i in p if i not in skip), unit="text",
+                   desc="scoring", disable=None)
     try:
         for p in parts:
+            if p.start in on_disk:
+                found = _read_part(_part_path(parts_dir, p, prints[p.start]), prints[p.start])
+                if found is None:  # unreadable after all: score it again
+                    submit(p)
+                else:
+                    done[p.start] = found
             while p.start not in done:
                 future = next(futures)
                 q, _ = owner.pop(future.key)
                 results = future.result()
                 future.release()
                 if parts_dir is not None:
-                    _write_part(_part_path(parts_dir, q), prints[q.start], results)
+                    _write_part(_part_path(parts_dir, q, prints[q.start]), prints[q.start],
+                                results)
                 done[q.start] = results
                 submit_more()
             for i, result in done.pop(p.start):
                 if i not in skip:
                     yield i, result
+                    if bar is not None:
+                        bar.update(1)
+            submit_more()
     finally:
+        if bar is not None:
+            bar.close()
         for _, future in owner.values():
             future.cancel()
     if parts_dir is not None:
@@ -256,8 +288,9 @@ def iter_scores(model, items, *, client, parts_dir=None, partition_size=DEFAULT_
 
 def score(model, texts, context=None, *, client, partition_size=DEFAULT_PARTITION_SIZE,
           parts_dir=None, return_errors=False, **settings):
-    """:func:`npllm.score` on a Dask cluster: a list of :class:`~npllm.score.TextScore`, one per
-    text, in order (``model`` is a name the workers load; see :func:`iter_scores`).
+    """:func:`npllm.score` on a Dask cluster (``npllm.score(..., client=client)`` comes here): a
+    :class:`~npllm.score.TextScore` per text, in order, or one for a single string. ``model``:
+    a name the workers load, or a loaded model (see :func:`iter_scores`).
 
     >>> with local_cluster(2) as client:                             # doctest: +SKIP
     ...     scores = score(None, sentences, client=client)
@@ -270,7 +303,7 @@ def score(model, texts, context=None, *, client, partition_size=DEFAULT_PARTITIO
     for i, r in iter_scores(model, items, client=client, partition_size=partition_size,
                             parts_dir=parts_dir, **settings):
         if isinstance(r, ScoreError) and not return_errors:
-            raise ScoreError(f"texts[{i}]: {r}", i)
+            raise ScoreError(f"{'' if single else f'texts[{i}]: '}{r}", i)
         out.append(r)
     return out[0] if single else out
 
@@ -280,15 +313,15 @@ def score(model, texts, context=None, *, client, partition_size=DEFAULT_PARTITIO
 def add_arguments(parser):
     """The ``cluster`` options of ``npllm score``."""
     group = parser.add_argument_group(
-        "cluster", "score on a Dask cluster (pip install 'npllm[dask]'): each worker loads the "
-                   "model once and scores partitions of the input; the output is the one a "
-                   "single process writes, in input order. With -o FILE, finished partitions "
-                   "are kept in FILE.parts/ until the run completes, and --resume reuses them")
+        "cluster", "score on a Dask cluster (pip install 'npllm[dask]'): each worker loads the\n"
+                   "model once and scores partitions of the input; the output is the one a single\n"
+                   "process writes, in input order. With -o FILE, finished partitions are kept in\n"
+                   "FILE.parts/ until the run completes, and --resume reuses them.")
     where = group.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="a running Dask scheduler: tcp://HOST:8786, or a scheduler file "
-                            "(*.json, as dask-jobqueue and `dask scheduler --scheduler-file` "
-                            "write); workers must be able to load --model")
+                            "(*.json, as `dask scheduler --scheduler-file` writes it); every "
+                            "worker must be able to load --model")
     where.add_argument("--local-cluster", type=int, metavar="N",
                        help="start a Dask cluster of N worker processes on this machine")
     group.add_argument("--partition-size", type=int, default=DEFAULT_PARTITION_SIZE,

@@ -148,6 +148,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(folder, corpus, reference,
     assert proc.returncode == 1, stderr
     assert_same_records(records(out), reference)
     client.wait_for_workers(2, timeout=60)  # the nanny restarted it, for the next test
+    assert victim not in client.run(os.getpid).values()  # it was killed indeed
 
 
 def test_a_killed_run_resumes_without_losing_or_duplicating(folder, corpus, reference, cluster,
@@ -199,21 +200,29 @@ def test_resumed_partitions_are_loaded_not_scored_again(folder, corpus, referenc
 def test_python_api_equals_npllm_score(folder, cluster):
     import npllm
     from npllm import distributed as nd
+    from npllm.score import ScoreError
 
     _, client = cluster
     texts = [" ".join(random.Random(k).choices(WORDS, k=5 + k % 17)) for k in range(300)]
     texts[3] = ""
     model = npllm.load(str(folder))
     expected = npllm.score(model, texts, with_rank=True, return_errors=True)
-    got = nd.score(str(folder), texts, client=client, with_rank=True, return_errors=True,
-                   partition_size=40)
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
+    by_name = nd.score(str(folder), texts, client=client, with_rank=True, return_errors=True,
+                       partition_size=40)
+    by_model = npllm.score(model, texts, client=client, with_rank=True, return_errors=True)
+    assert len(by_name) == len(by_model) == len(expected)
+    for g, e in [*zip(by_name, expected), *zip(by_model, expected)]:
         if isinstance(e, Exception):
             assert isinstance(g, Exception) and str(g) == str(e) and g.index == e.index
             continue
         assert g.index == e.index and g.token_ids == e.token_ids and g.ranks == e.ranks
         assert_same(g.log_probs, e.log_probs)
+    with pytest.raises(ScoreError, match="^texts\\[3\\]: the text is empty"):
+        npllm.score(model, texts, client=client)
+    with pytest.raises(ScoreError, match="^the text is empty"):
+        npllm.score(model, "", client=client)
+    assert npllm.score(model, "He runs", client=client).token_ids == \
+        npllm.score(model, "He runs").token_ids
 
 
 def test_cluster_options_are_checked(folder, corpus, tmp_path):
@@ -230,7 +239,11 @@ def test_scheduler_file_and_texts_as_arguments(folder, cluster, tmp_path):
     texts given as arguments go to the cluster too, output on stdout."""
     _, client = cluster
     scheduler_file = tmp_path / "scheduler.json"
-    client.write_scheduler_file(str(scheduler_file))
+    # What `dask scheduler --scheduler-file` writes, the part clients read (the whole
+    # client.write_scheduler_file can fail to serialise the scheduler's state after a worker
+    # was restarted: tuple keys in its JSON).
+    scheduler_file.write_text(json.dumps({"type": "Scheduler",
+                                          "address": client.scheduler.address}))
     texts = ["He runs fast.", "The keys to the cabinet are on the table.", ""]
     alone = npllm_score("-m", folder, *texts, "--format", "jsonl", "--rank")
     spread = npllm_score("-m", folder, *texts, "--format", "jsonl", "--rank", "-q",
