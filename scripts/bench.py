@@ -659,14 +659,10 @@ def print_table(report):
         print(f"check {k}: {v}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 # -- the training step (issue 16): forward + backward + AdamW, npllm against torch eager ------
 #
-# Self-contained: run it with `python scripts/bench.py` after main() calls train_step_rows(),
-# or on its own: python -c "import sys; sys.path.insert(0, 'scripts'); import bench; bench.train_step_main()"
+# Self-contained: main() can add train_step_rows()'s rows and checks to its report; on its
+# own: python -c "import sys; sys.path.insert(0, 'scripts'); import bench; bench.train_step_main()"
 
 TRAIN_TOKENS = 256
 
@@ -789,3 +785,7 @@ def train_step_main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "checks": checks}, f, indent=1)
     return rows, checks
+
+
+if __name__ == "__main__":
+    main()
