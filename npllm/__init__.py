@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 from npllm.model import KVCache, Model, load  # noqa: E402
 from npllm.score import corpus_perplexity, score  # noqa: E402
 from npllm.generate import chat, generate  # noqa: E402
+from npllm.training import train  # noqa: E402
 
-__all__ = ["KVCache", "Model", "load", "score", "corpus_perplexity", "generate", "chat",
+__all__ = ["KVCache", "Model", "load", "score", "corpus_perplexity", "generate", "chat", "train",
            "__version__"]

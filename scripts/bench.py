@@ -549,6 +549,11 @@ def main():
 
     report = summarise(args, info, res, memory, cold, warm, workers, load_before, load_after,
                        n_sentences, repeats, new_tokens)
+    if not args.smoke and not args.no_torch:  # tested on its own (tests/test_bench_train_step.py)
+        log("training step ...")
+        rows, checks = train_step_rows(args.threads, rounds=2 if args.quick else 3, log=log)
+        report["rows"] += rows
+        report["checks"].update(checks)
     print_table(report)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -689,14 +694,10 @@ def print_table(report):
         print(f"check {k}: {v}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 # -- the training step (issue 16): forward + backward + AdamW, npllm against torch eager ------
 #
-# Self-contained: run it with `python scripts/bench.py` after main() calls train_step_rows(),
-# or on its own: python -c "import sys; sys.path.insert(0, 'scripts'); import bench; bench.train_step_main()"
+# Self-contained: main() can add train_step_rows()'s rows and checks to its report; on its
+# own: python -c "import sys; sys.path.insert(0, 'scripts'); import bench; bench.train_step_main()"
 
 TRAIN_TOKENS = 256
 
@@ -819,3 +820,7 @@ def train_step_main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "checks": checks}, f, indent=1)
     return rows, checks
+
+
+if __name__ == "__main__":
+    main()

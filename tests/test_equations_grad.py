@@ -60,7 +60,9 @@ def test_cross_entropy_backward_matches_autograd(seed, T, V, scale):
     targets = np.random.default_rng(seed).integers(0, V, T)
     (expected,) = torch_grads(lambda z: F.cross_entropy(z, torch.from_numpy(targets)), logits,
                               d_out=np.float64(1.0))
-    assert_grad_close(cross_entropy_backward(logits, targets), expected)
+    # softmax - one_hot: for a confident right answer, p - 1 cancels (p = 0.99995 in float32
+    # is 1 - 5e-5 to within 6e-8): the error is relative to the terms, of size 1/N.
+    assert_grad_close(cross_entropy_backward(logits, targets), expected, scale=1 / T)
 
 
 @given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 8), D=st.integers(1, 24), V=st.integers(2, 40))

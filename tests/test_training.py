@@ -137,3 +137,11 @@ def test_cli_errors_are_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_bad_settings_are_refused_with_the_fix():
+    with pytest.raises(TrainingError, match="batch_size and seq_len >= 1"):
+        train(scratch=True, batch_size=0, progress=False)
+    from npllm.training import scratch_config
+    with pytest.raises(TrainingError, match="smaller than the tokenizer's"):
+        train(scratch=True, config=scratch_config(100), steps=1, progress=False)

@@ -16,6 +16,7 @@ map to that one array, as the weights do. The loss is the mean cross-entropy ove
 token, :math:`\mathcal{L} = -\frac{1}{N}\sum_i \log P(s_i \mid s_{<i})`, the number npllm's
 forward pass gives as ``-model(ids, targets=targets).mean()``.
 """
+from functools import lru_cache
 from types import SimpleNamespace
 
 import numpy as np
@@ -32,6 +33,20 @@ def linear(x, W):
     r""":math:`y = x W^\top` for x [..., in], W [out, in] (``nn.Linear`` without bias), with the
     positions flattened into one matrix product."""
     return (x.reshape(-1, x.shape[-1]) @ W.T).reshape(*x.shape[:-1], W.shape[0])
+
+
+@lru_cache(maxsize=None)
+def _blas():
+    from threadpoolctl import ThreadpoolController  # a dependency of npllm
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """A context in which NumPy's matrix products run on one thread. Attention multiplies one
+    [T, Dh] matrix per head (thousands of small products per training step): sharing each
+    between BLAS threads costs more in synchronisation than it saves, and on a busy machine
+    made the whole step about a third slower. The model's large products keep every thread."""
+    return _blas().limit(limits=1, user_api="blas")
 
 
 def loss_and_grads(weights, config, input_ids, targets, padding_idx=None):
@@ -69,8 +84,9 @@ def forward(weights, config, ids, targets):
         s.q = apply_rope(split_heads(linear(s.h, w.q), H), cos, sin)  # [B, H, T, Dh]
         s.k = apply_rope(split_heads(linear(s.h, w.k), K), cos, sin)  # [B, K, T, Dh]
         s.v = split_heads(linear(s.h, w.v), K)
-        s.A = attention_pattern(s.q, repeat_kv(s.k, H // K), mask)  # [B, H, T, T]
-        s.heads = merge_heads(s.A @ repeat_kv(s.v, H // K))  # [B, T, H * Dh]
+        with one_blas_thread():
+            s.A = attention_pattern(s.q, repeat_kv(s.k, H // K), mask)  # [B, H, T, T]
+            s.heads = merge_heads(s.A @ repeat_kv(s.v, H // K))  # [B, T, H * Dh]
         x = x + linear(s.heads, w.o)
         s.x_mid = x
         s.h2 = rms_norm(x, w.post_norm, eps)
@@ -105,7 +121,9 @@ def backward(weights, config, saved, ids, targets, padding_idx=None):
         # x_mid = x + attention(RMSNorm(x))
         d_x, d_attn = residual_backward(d_x)
         d_heads, g["self_attn.o_proj"] = linear_backward(d_attn, s.heads, w.o)
-        d_q, d_k, d_v = grouped_query_attention_backward(split_heads(d_heads, H), s.q, s.k, s.v, s.A)
+        with one_blas_thread():
+            d_q, d_k, d_v = grouped_query_attention_backward(split_heads(d_heads, H), s.q, s.k,
+                                                             s.v, s.A)
         d_q = apply_rope_backward(d_q, saved.cos, saved.sin)
         d_k = apply_rope_backward(d_k, saved.cos, saved.sin)
         d_h_q, g["self_attn.q_proj"] = linear_backward(merge_heads(d_q), s.h, w.q)

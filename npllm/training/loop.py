@@ -147,6 +147,9 @@ def train(model=None, text=None, *, scratch=False, out=None, resume=False, steps
     from npllm.model import Model
     from npllm.tokenizer import Tokenizer
 
+    if steps < 0 or batch_size < 1 or seq_len < 1 or (lr is not None and lr <= 0):
+        raise TrainingError(f"steps must be >= 0, batch_size and seq_len >= 1 and lr > 0; got "
+                            f"steps={steps}, batch_size={batch_size}, seq_len={seq_len}, lr={lr}")
     out = Path(out) if out is not None else None
     if resume and (out is None or not (out / "trainer_state.json").is_file()):
         raise TrainingError(f"nothing to resume: {out} holds no trainer_state.json; start the "
@@ -167,6 +170,10 @@ def train(model=None, text=None, *, scratch=False, out=None, resume=False, steps
                           "model_max_length": 256}
             tokenizer = Tokenizer(backend, tok_config, [0])
             config = config or scratch_config(backend.get_vocab_size())
+            if config.vocab_size < backend.get_vocab_size():
+                raise TrainingError(f"config.vocab_size {config.vocab_size} is smaller than the "
+                                    f"tokenizer's {backend.get_vocab_size()}: use "
+                                    "scratch_config(vocab_size) or a larger vocab_size")
             model = Model(config, init_weights(config, seed), tokenizer, source="random weights")
             pad = None
         else:

@@ -5,7 +5,6 @@ Weights are the ``{HF name: array}`` dict of a model; tied names (``lm_head.weig
 ``model.embed_tokens.weight`` as one array) are one parameter, updated once. Updates are written
 into the weight arrays, so a :class:`~npllm.model.Model` holding them sees the new values.
 """
-import os
 
 import numpy as np
 
@@ -49,9 +48,10 @@ class SGD:
 
 
 def fused():
-    """Whether AdamW runs its Numba twin (:mod:`npllm.training.kernels`): unless
-    ``NPLLM_BACKEND=numpy`` asks for the readable equations only. Same numbers either way."""
-    return os.environ.get("NPLLM_BACKEND", "numba").strip().lower() != "numpy"
+    """Whether AdamW runs its Numba twin (:mod:`npllm.training.kernels`): on the Numba engine
+    (the default), not with ``NPLLM_ENGINE=reference``. Same numbers either way."""
+    from npllm.engine import engine_name
+    return engine_name() == "numba"
 
 
 class AdamW:
@@ -66,13 +66,14 @@ class AdamW:
         self.m = {name: np.zeros(w.shape, np.float32) for name, w in params.items()}
         self.v = {name: np.zeros(w.shape, np.float32) for name, w in params.items()}
         self.step_count = 0
+        self.fused = fused()  # chosen once, like a model's engine
 
     def step(self, weights, grads, lr=None):
         """One update of every weight (in place) from ``grads`` (same names)."""
         lr = self.lr if lr is None else lr
         self.step_count += 1
         step = adamw_step
-        if fused():
+        if self.fused:
             from npllm.training.kernels import adamw_step_ as step
         for name, w in parameters(weights).items():
             decay = self.weight_decay if decays(name, w) else 0.0
