@@ -8,6 +8,10 @@ engine says how fast. Two exist, both tested equal to the reference (``tests/tes
   it equal);
 - ``"reference"`` (:class:`~npllm.engine.reference.ReferenceEngine`): the reference as written.
 
+The other families (StableLM, Phi-3, Qwen2, GPT-2) have no fast path yet: under ``"numba"`` they
+run their reference forward (:class:`~npllm.engine.reference.FamilyEngine`; ``docs/engine.md``
+says why).
+
 Choose with ``npllm.load(name, engine=...)`` or the environment variable ``NPLLM_ENGINE``
 (``NPLLM_BACKEND=numpy|numba``, its old name, is read too). An engine is called as
 ``engine(inputs, cache, attention_mask, trace)`` and offers ``engine.map(fn, items)`` for
@@ -16,7 +20,7 @@ independent forward passes (``npllm.score``'s batches).
 import os
 
 from npllm.engine.fast import NumbaEngine, load_numba_engine
-from npllm.engine.reference import ReferenceEngine
+from npllm.engine.reference import FamilyEngine, ReferenceEngine
 
 ENGINES = ("numba", "reference")
 ALIASES = {"numpy": "reference"}  # the readable backend's old name
@@ -37,7 +41,9 @@ def make_engine(name, config, weights, folder=None, packed=True, threads=None):
     engine also maps the packed matrices of ``folder`` unless ``packed`` is false."""
     if engine_name(name) == "reference":
         return ReferenceEngine(config, weights)
+    if config.model_type not in ("llama", "mistral"):
+        return FamilyEngine(config, weights)
     return load_numba_engine(config, weights, folder, packed, threads)
 
 
-__all__ = ["ENGINES", "NumbaEngine", "ReferenceEngine", "engine_name", "make_engine"]
+__all__ = ["ENGINES", "FamilyEngine", "NumbaEngine", "ReferenceEngine", "engine_name", "make_engine"]
