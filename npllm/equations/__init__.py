@@ -13,7 +13,8 @@ Every function is tested against torch / transformers in ``tests/test_equations_
 from .attention import (attention_pattern, causal_mask, decode_attention, grouped_query_attention,
                         merge_heads, repeat_kv, scaled_dot_product_attention, split_heads)
 from .bpe import apply_merges, bpe_encode, count_pairs, learn_merges, merge_pair, pre_tokenize
-from .counting import (attention_parameters, chinchilla_optimal_tokens, embedding_parameters,
+from .counting import (attention_parameters, chinchilla_optimal_tokens, decoder_parameter_counts,
+                       embedding_parameters,
                        forward_flops_per_token, llama_parameter_counts, mlp_parameters,
                        norm_parameters, training_flops)
 from .decoding import (apply_temperature, filter_logits, greedy, sample, top_k_filter,
@@ -54,7 +55,7 @@ __all__ = [
     "greedy", "apply_temperature", "top_k_filter", "top_p_filter", "filter_logits", "sample",
     # counting (lectures 000, 001)
     "embedding_parameters", "attention_parameters", "mlp_parameters", "norm_parameters",
-    "llama_parameter_counts", "chinchilla_optimal_tokens", "forward_flops_per_token",
+    "llama_parameter_counts", "decoder_parameter_counts", "chinchilla_optimal_tokens", "forward_flops_per_token",
     "training_flops",
     # bpe (lecture 001)
     "pre_tokenize", "count_pairs", "merge_pair", "learn_merges", "apply_merges", "bpe_encode",
