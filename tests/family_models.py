@@ -63,3 +63,57 @@ def make_tiny_family(path, model_type, seed=0, **kwargs):
     model = build_model(model_type, family_settings(model_type, **kwargs), seed)
     model.save_pretrained(path)
     return path, model
+
+
+def write_gguf(path, model, model_type):
+    """Write ``model`` (a tiny transformers model) as a float32 GGUF file the way llama.cpp's
+    convert_hf_to_gguf.py does for its architecture: gguf-py's tensor names, the metadata keys
+    its ``set_gguf_parameters`` writes, GPT-2's Conv1D matrices turned to [out, in] and its
+    token embedding copied to ``output.weight``, a tied LM head left out for the others."""
+    import gguf
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), model_type)
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH[model_type.upper()], c.num_hidden_layers)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_head_count(c.num_attention_heads)
+    if model_type == "gpt2":
+        writer.add_context_length(c.n_positions)
+        writer.add_embedding_length(c.n_embd)
+        writer.add_feed_forward_length(4 * c.n_embd)
+        writer.add_layer_norm_eps(c.layer_norm_epsilon)
+    else:
+        writer.add_context_length(c.max_position_embeddings)
+        writer.add_embedding_length(c.hidden_size)
+        writer.add_feed_forward_length(c.intermediate_size)
+        writer.add_head_count_kv(c.num_key_value_heads)
+        writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+        head_dim = c.hidden_size // c.num_attention_heads
+        rotary = c.rope_parameters.get("partial_rotary_factor", 1.0)
+        if model_type == "stablelm":
+            writer.add_rope_dimension_count(int(rotary * head_dim))
+            writer.add_parallel_residual(c.use_parallel_residual)
+            writer.add_layer_norm_eps(c.layer_norm_eps)
+        else:
+            writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+        if model_type == "phi3":
+            writer.add_rope_dimension_count(int(rotary * head_dim))
+            writer.add_sliding_window(c.sliding_window)
+    tied = model_type != "gpt2" and c.tie_word_embeddings
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight" and (tied or model_type == "gpt2"):
+            continue
+        w = p.detach().float().numpy()
+        if model_type == "gpt2" and name.endswith((".attn.c_attn.weight", ".attn.c_proj.weight",
+                                                   ".mlp.c_fc.weight", ".mlp.c_proj.weight")):
+            w = w.T
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))  # with the suffix
+        assert new is not None, name
+        writer.add_tensor(new, w.copy())
+        if model_type == "gpt2" and new == "token_embd.weight":
+            writer.add_tensor("output.weight", w.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -198,3 +198,24 @@ def test_conv1d_to_linear_turns_gpt2_matrices():
 
 def test_build_model_is_the_family():
     assert type(build_model("gpt2", family_settings("gpt2"))).__name__ == "GPT2LMHeadModel"
+
+
+GGUF_VARIANTS = {"stablelm": dict(rotary=0.5, bias=True, parallel=True),
+                 "phi3": dict(rotary=0.5), "qwen2": dict(tied=True), "gpt2": {}}
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_gguf_import_equals_transformers(model_type, tmp_path):
+    """A tiny model written as GGUF the way llama.cpp's converter names and lays it out,
+    imported by npllm, gives transformers' logits on both engines."""
+    from family_models import write_gguf
+    from npllm.model.gguf import convert_gguf
+
+    _, ref = make_tiny_family(tmp_path / "hf", model_type, seed=2, **GGUF_VARIANTS[model_type])
+    path = write_gguf(tmp_path / "tiny.gguf", ref, model_type)
+    folder = convert_gguf(path, tmp_path / "imported", progress=False)
+    ids = np.arange(14).reshape(2, 7) % ref.config.vocab_size
+    want = logits_of(ref, ids)
+    for engine in ENGINES:
+        np.testing.assert_allclose(npllm.load(str(folder), engine=engine)(ids), want,
+                                   atol=ATOL, rtol=0, err_msg=engine)
