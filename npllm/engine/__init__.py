@@ -8,9 +8,9 @@ engine says how fast. Two exist, both tested equal to the reference (``tests/tes
   it equal);
 - ``"reference"`` (:class:`~npllm.engine.reference.ReferenceEngine`): the reference as written.
 
-The other families (StableLM, Phi-3, Qwen2, GPT-2) have no fast path yet: under ``"numba"`` they
-run their reference forward (:class:`~npllm.engine.reference.FamilyEngine`; ``docs/engine.md``
-says why).
+The other families (StableLM, Phi-3, Qwen2, GPT-2) run under ``"numba"`` with the kernels where
+they apply (:class:`~npllm.engine.generic.FamilyEngine`); Llama's packed decoding and parts on
+threads are Llama's only.
 
 Choose with ``npllm.load(name, engine=...)`` or the environment variable ``NPLLM_ENGINE``
 (``NPLLM_BACKEND=numpy|numba``, its old name, is read too). An engine is called as
@@ -20,7 +20,8 @@ independent forward passes (``npllm.score``'s batches).
 import os
 
 from npllm.engine.fast import NumbaEngine, load_numba_engine
-from npllm.engine.reference import FamilyEngine, ReferenceEngine
+from npllm.engine.generic import FamilyEngine
+from npllm.engine.reference import ReferenceEngine
 
 ENGINES = ("numba", "reference")
 ALIASES = {"numpy": "reference"}  # the readable backend's old name
@@ -42,7 +43,7 @@ def make_engine(name, config, weights, folder=None, packed=True, threads=None):
     if engine_name(name) == "reference":
         return ReferenceEngine(config, weights)
     if config.model_type not in ("llama", "mistral"):
-        return FamilyEngine(config, weights)
+        return FamilyEngine(config, weights, threads)
     return load_numba_engine(config, weights, folder, packed, threads)
 
 

@@ -37,11 +37,3 @@ class ReferenceEngine:
     def __repr__(self):
         return f"{self.name} ({self.forward.__module__}.forward, NumPy equations)"
 
-
-class FamilyEngine(ReferenceEngine):
-    """What ``engine="numba"`` runs for StableLM, Phi-3, Qwen2 and GPT-2: their reference forward.
-
-    The Numba engine's speed paths (:mod:`npllm.engine.fast`) follow Llama's reference line by
-    line; the other families get the same numbers from their reference until each has its own
-    (``docs/engine.md``)."""
-    name = "numba"
