@@ -333,18 +333,21 @@ def lecture_000(model, text="He runs"):
     The last hidden state is what transformers returns as ``hidden_states[-1]``: the output of
     the final RMSNorm, one D-wide vector per token, [1, T, D].
     """
+    from npllm.model.family_config import embedding_name
+
     w = model.weights
-    layer0 = "model.layers.0."
+    layer0 = "transformer.h.0." if model.config.model_type == "gpt2" else "model.layers.0."
     ids = encode(model, text)
     trace = Trace("norm")
     model(np.asarray(ids)[None], trace=trace)
     return Lecture000(
         printout=repr(model),
         attention_shapes={n: tuple(w[n].shape) for n in w
-                          if n.startswith(layer0 + "self_attn.")},
-        mlp_shapes={n: tuple(w[n].shape) for n in w if n.startswith(layer0 + "mlp.")},
+                          if n.startswith(layer0) and _group(n) == "attention"},
+        mlp_shapes={n: tuple(w[n].shape) for n in w
+                    if n.startswith(layer0) and _group(n) == "mlp"},
         lm_head_shape=tuple(w["lm_head.weight"].shape),
-        tied=w["lm_head.weight"] is w["model.embed_tokens.weight"],
+        tied=w["lm_head.weight"] is w[embedding_name(model.config)],
         text=text, tokens=token_strings(model, ids),
         last_hidden_state_shape=trace["norm"].shape,
         summary=parameter_summary(model))

@@ -240,3 +240,24 @@ def test_numba_engine_equals_the_reference_on_padding_targets_and_kept(model_typ
                    dict(targets=targets, logits_to_keep=5, attention_mask=mask)):
         np.testing.assert_allclose(fast(ids, **kwargs), slow(ids, **kwargs), atol=ATOL, rtol=0,
                                    err_msg=str(list(kwargs)))
+
+
+def test_load_refuses_an_unsupported_family_in_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon", "hidden_size": 8}))
+    with pytest.raises(ConfigError) as e:
+        npllm.load(str(tmp_path))
+    assert "'falcon' is not supported" in str(e.value) and "\n" not in str(e.value)
+    assert all(family in str(e.value) for family in SUPPORTED)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "stablelm"])
+def test_lecture_000_answers_on_a_loaded_family_model(model_type, tmp_path):
+    from npllm.inspect import lecture_000, parameter_summary
+
+    path, ref = make_tiny_family(tmp_path, model_type, tied=False)
+    model = npllm.load(str(path))
+    answers = lecture_000(model, [1, 2, 3])  # no tokenizer in the tiny folder: token ids
+    assert answers.attention_shapes and answers.mlp_shapes
+    assert answers.tied == (model_type == "gpt2")
+    assert answers.last_hidden_state_shape == (1, 3, ref.config.hidden_size)
+    assert parameter_summary(model).total == ref.num_parameters() == model.num_parameters()
