@@ -261,3 +261,17 @@ def test_lecture_000_answers_on_a_loaded_family_model(model_type, tmp_path):
     assert answers.tied == (model_type == "gpt2")
     assert answers.last_hidden_state_shape == (1, 3, ref.config.hidden_size)
     assert parameter_summary(model).total == ref.num_parameters() == model.num_parameters()
+
+
+def test_gpt2_in_the_hubs_layout_loads(tmp_path):
+    """The Hub's gpt2 files name tensors without the "transformer." prefix and keep the causal
+    mask buffers (h.N.attn.bias): npllm adds the prefix and ignores the buffers."""
+    from safetensors.numpy import load_file, save_file
+
+    path, ref = make_tiny_family(tmp_path, "gpt2", seed=4)
+    tensors = {name.removeprefix("transformer."): w
+               for name, w in load_file(str(path / "model.safetensors")).items()}
+    tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    ids = np.arange(10).reshape(2, 5)
+    np.testing.assert_allclose(npllm.load(str(path))(ids), logits_of(ref, ids), atol=ATOL, rtol=0)
