@@ -9,8 +9,8 @@ absent, the value is transformers' documented default for that ``model_type``, e
 Supported: ``model_type`` ``llama`` and ``mistral`` (same decoder: RMSNorm, RoPE, grouped-query
 attention, SwiGLU MLP, no biases). The lectures' other families (StableLM, Phi-3, Qwen2, GPT-2)
 have their own config class, :class:`npllm.model.family_config.FamilyConfig`;
-:func:`npllm.model.family_config.read_config` picks the class by ``model_type``. What npllm does not implement is refused with a
-:class:`~npllm.errors.ConfigError` naming the key, rather than silently computing something else:
+:func:`npllm.model.family_config.read_config` picks the class by ``model_type``. What npllm
+does not implement is refused with a :class:`~npllm.errors.ConfigError` naming the key, rather than silently computing something else:
 RoPE scaling (``rope_type`` other than ``default``: linear, dynamic, yarn, llama3, ...), partial
 rotary embeddings, attention or MLP biases, activations other than SiLU.
 
