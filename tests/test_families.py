@@ -275,3 +275,15 @@ def test_gpt2_in_the_hubs_layout_loads(tmp_path):
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     ids = np.arange(10).reshape(2, 5)
     np.testing.assert_allclose(npllm.load(str(path))(ids), logits_of(ref, ids), atol=ATOL, rtol=0)
+
+
+def test_cli_inspect_config_json_and_errors(tmp_path):
+    run = [sys.executable, "-m", "npllm", "inspect", "--config"]
+    out = json.loads(subprocess.run(run + ["gpt2", "--json"], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert out["total"] == SHIPPED["gpt2"] and out["config"]["model_type"] == "gpt2"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon"}))
+    for bad in (str(tmp_path), "no-such-model"):
+        result = subprocess.run(run + [bad], capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
