@@ -13,12 +13,12 @@ Every view returns plain NumPy arrays in a small dataclass that prints as a tabl
 model the numbers come from the Q4_1-quantized GGUF weights dequantized to float32: close to,
 not equal to, the Hub's bfloat16 weights.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from npllm.equations import (apply_rope, filter_logits, lm_head, llama_parameter_counts, rms_norm,
-                             rope_cos_sin, rope_inverse_frequencies, sinusoidal_encoding, softmax)
+from npllm.equations import (apply_rope, decoder_parameter_counts, filter_logits, lm_head,
+                             rms_norm, rope_cos_sin, rope_inverse_frequencies, sinusoidal_encoding, softmax)
 from npllm.trace import Trace
 
 GROUPS = ("embeddings", "attention", "mlp", "norms", "lm_head")
@@ -99,15 +99,15 @@ def top_k_ids(probs, k):
 # -- anatomy (lecture 000) -------------------------------------------------------------------
 
 def _group(name):
-    if name == "model.embed_tokens.weight":
-        return "embeddings"
+    if name in ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.wpe.weight"):
+        return "embeddings"  # GPT-2's learned positions counted with the token embeddings
     if name == "lm_head.weight":
         return "lm_head"
-    if ".self_attn." in name:
+    if ".self_attn." in name or ".attn." in name:
         return "attention"
     if ".mlp." in name:
         return "mlp"
-    if "norm" in name:
+    if "norm" in name or ".ln_" in name:
         return "norms"
     raise ValueError(f"npllm does not know which part of the model {name!r} belongs to")
 
@@ -126,6 +126,10 @@ def parameter_table(model):
     is then counted once, under embeddings, as transformers' ``num_parameters()`` does.
     """
     w = model.weights
+    if model.config.model_type not in ("llama", "mistral"):  # loaded in the forward's order
+        return _rows({n: a.shape for n, a in w.items()}, w["lm_head.weight"] is w[
+            "transformer.wte.weight" if model.config.model_type == "gpt2" else
+            "model.embed_tokens.weight"])
     layer_names = [n for n in w if n.startswith("model.layers.")]
 
     def layer_key(name):  # (layer, place in the forward pass, name)
@@ -140,8 +144,61 @@ def parameter_table(model):
     if missing:
         raise ValueError(f"unexpected weights {sorted(missing)}")
     tied = w["lm_head.weight"] is w["model.embed_tokens.weight"]
-    return [{"name": n, "shape": tuple(w[n].shape), "count": int(w[n].size), "group": _group(n),
-             "tied": tied and n == "lm_head.weight"} for n in ordered]
+    return _rows({n: w[n].shape for n in ordered}, tied)
+
+
+def _rows(shapes, tied):
+    return [{"name": n, "shape": tuple(shape), "count": int(np.prod(shape)), "group": _group(n),
+             "tied": tied and n == "lm_head.weight"} for n, shape in shapes.items()]
+
+
+def parameter_counts(config):
+    """:func:`npllm.equations.decoder_parameter_counts` for ``config``'s family: its biases,
+    norms, MLP and position table."""
+    c, family = config, config.model_type
+    gpt2 = family == "gpt2"
+    return decoder_parameter_counts(
+        c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers,
+        c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.tie_word_embeddings,
+        qkv_bias=getattr(c, "qkv_bias", False), o_bias=gpt2, gated=not gpt2, mlp_bias=gpt2,
+        norm_bias=family in ("stablelm", "gpt2"),
+        norms_per_layer=1 if getattr(c, "parallel_residual", False) else 2,
+        positions=c.max_position_embeddings if gpt2 else 0)
+
+
+def config_summary(config):
+    """:class:`ParameterSummary` of the model ``config`` describes, without its weights: the
+    tensors' names and shapes as its safetensors files hold them (lecture 000 on StableLM 3B
+    without downloading 5.6 GB)."""
+    from npllm.model.weights import expected_shapes
+
+    shapes = {n: shape for n, (shape, _) in expected_shapes(config).items()}
+    return _summary(config, _rows(shapes, config.tie_word_embeddings))
+
+
+def model_tree(config):
+    """The model's tensors as a tree, from its config alone: embeddings, one layer's tensors with
+    their shapes (every layer has the same), the final norm and the LM head."""
+    from npllm.model.weights import expected_shapes
+
+    shapes = {n: symbols + " = " + str(list(shape))
+              for n, (shape, symbols) in expected_shapes(config).items()}
+    total = parameter_counts(config)["total"]
+    layer0 = [n for n in shapes if n.startswith(("model.layers.0.", "transformer.h.0."))]
+    prefix = layer0[0].rsplit(".0.", 1)[0] if layer0 else "model.layers"
+    c = config
+    lines = [f"{config.model_type}  ({total:,} parameters; {c.num_attention_heads} query / "
+             f"{c.num_key_value_heads} key-value heads of width {c.head_dim}, D={c.hidden_size}, "
+             f"F={c.intermediate_size}, V={c.vocab_size})"]
+    outside = [n for n in shapes if ".0." not in n and not n.startswith(prefix + ".")]
+    for n in [n for n in outside if "embed" in n or ".wte" in n or ".wpe" in n]:
+        lines.append(f"  {n:<48} {shapes[n]}")
+    lines.append(f"  {prefix}: {c.num_hidden_layers} x")
+    lines += [f"    {n.split('.0.', 1)[1]:<46} {shapes[n]}" for n in layer0]
+    for n in [n for n in outside if not ("embed" in n or ".wte" in n or ".wpe" in n)]:
+        tied = n == "lm_head.weight" and c.tie_word_embeddings
+        lines.append(f"  {n:<48} {shapes[n]}" + ("  (tied to the embeddings)" if tied else ""))
+    return "\n".join(lines)
 
 
 @dataclass
@@ -171,8 +228,8 @@ class ParameterSummary:
         if tensors:
             folded = {}
             for r in self.rows:
-                key = r["name"].replace(r["name"].split(".")[2] + ".", "*.", 1) \
-                    if r["name"].startswith("model.layers.") else r["name"]
+                key = r["name"].replace("." + r["name"].split(".")[2] + ".", ".*.", 1) \
+                    if r["name"].startswith(("model.layers.", "transformer.h.")) else r["name"]
                 entry = folded.setdefault(key, {**r, "n": 0})
                 entry["n"] += 1
             lines.append(f"{'tensor':<48} {'shape':>16} {'parameters':>14}  part")
@@ -199,16 +256,18 @@ def _percent(share):
 
 def parameter_summary(model):
     """Parameter counts by part and their shares; checked against the formulas of
-    :func:`npllm.equations.llama_parameter_counts`."""
-    rows = parameter_table(model)
+    :func:`npllm.equations.decoder_parameter_counts` (:func:`parameter_counts`)."""
+    return _summary(model.config, parameter_table(model))
+
+
+def _summary(config, rows):
     groups = {g: sum(r["count"] for r in rows if r["group"] == g and not r["tied"])
               for g in GROUPS}
     summary = ParameterSummary(groups, sum(groups.values()), rows)
-    c = model.config
-    expected = llama_parameter_counts(c.vocab_size, c.hidden_size, c.intermediate_size,
-                                      c.num_hidden_layers, c.num_attention_heads,
-                                      c.num_key_value_heads, c.head_dim,
-                                      any(r["tied"] for r in rows))
+    tied = any(r["tied"] for r in rows)
+    config = config if tied == config.tie_word_embeddings else replace(
+        config, tie_word_embeddings=tied)  # no lm_head.weight in the files: tied
+    expected = parameter_counts(config)
     assert {g: expected[g] for g in GROUPS} == groups, (expected, groups)
     return summary
 
@@ -274,18 +333,21 @@ def lecture_000(model, text="He runs"):
     The last hidden state is what transformers returns as ``hidden_states[-1]``: the output of
     the final RMSNorm, one D-wide vector per token, [1, T, D].
     """
+    from npllm.model.family_config import embedding_name
+
     w = model.weights
-    layer0 = "model.layers.0."
+    layer0 = "transformer.h.0." if model.config.model_type == "gpt2" else "model.layers.0."
     ids = encode(model, text)
     trace = Trace("norm")
     model(np.asarray(ids)[None], trace=trace)
     return Lecture000(
         printout=repr(model),
         attention_shapes={n: tuple(w[n].shape) for n in w
-                          if n.startswith(layer0 + "self_attn.")},
-        mlp_shapes={n: tuple(w[n].shape) for n in w if n.startswith(layer0 + "mlp.")},
+                          if n.startswith(layer0) and _group(n) == "attention"},
+        mlp_shapes={n: tuple(w[n].shape) for n in w
+                    if n.startswith(layer0) and _group(n) == "mlp"},
         lm_head_shape=tuple(w["lm_head.weight"].shape),
-        tied=w["lm_head.weight"] is w["model.embed_tokens.weight"],
+        tied=w["lm_head.weight"] is w[embedding_name(model.config)],
         text=text, tokens=token_strings(model, ids),
         last_hidden_state_shape=trace["norm"].shape,
         summary=parameter_summary(model))

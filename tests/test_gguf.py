@@ -297,8 +297,8 @@ def test_unsupported_tensor_type_lists_the_supported_ones(tiny_folder, tmp_path)
 
 
 def test_unsupported_architecture(tiny_folder, tmp_path):
-    path = write_tiny_gguf(tmp_path / "qwen.gguf", tiny_folder, arch="qwen2")
-    with pytest.raises(UnsupportedGGUFError, match="architecture 'qwen2' is not supported.*llama"):
+    path = write_tiny_gguf(tmp_path / "falcon.gguf", tiny_folder, arch="falcon")
+    with pytest.raises(UnsupportedGGUFError, match="architecture 'falcon' is not supported.*llama"):
         convert_gguf(path, tmp_path / "out", progress=False)
 
 

@@ -8,6 +8,10 @@ engine says how fast. Two exist, both tested equal to the reference (``tests/tes
   it equal);
 - ``"reference"`` (:class:`~npllm.engine.reference.ReferenceEngine`): the reference as written.
 
+The other families (StableLM, Phi-3, Qwen2, GPT-2) run under ``"numba"`` with the kernels where
+they apply (:class:`~npllm.engine.generic.FamilyEngine`); Llama's packed decoding and parts on
+threads are Llama's only.
+
 Choose with ``npllm.load(name, engine=...)`` or the environment variable ``NPLLM_ENGINE``
 (``NPLLM_BACKEND=numpy|numba``, its old name, is read too). An engine is called as
 ``engine(inputs, cache, attention_mask, trace)`` and offers ``engine.map(fn, items)`` for
@@ -16,6 +20,7 @@ independent forward passes (``npllm.score``'s batches).
 import os
 
 from npllm.engine.fast import NumbaEngine, load_numba_engine
+from npllm.engine.generic import FamilyEngine
 from npllm.engine.packed import check_packed
 from npllm.engine.reference import ReferenceEngine
 
@@ -40,7 +45,9 @@ def make_engine(name, config, weights, folder=None, packed=True, threads=None):
         if folder is not None:
             check_packed(folder)
         return ReferenceEngine(config, weights)
+    if config.model_type not in ("llama", "mistral"):
+        return FamilyEngine(config, weights, threads)
     return load_numba_engine(config, weights, folder, packed, threads)
 
 
-__all__ = ["ENGINES", "NumbaEngine", "ReferenceEngine", "engine_name", "make_engine"]
+__all__ = ["ENGINES", "FamilyEngine", "NumbaEngine", "ReferenceEngine", "engine_name", "make_engine"]

@@ -1,4 +1,5 @@
-"""The reference engine: :func:`npllm.model.llama.forward` as written, nothing else.
+"""The reference engine: the family's reference forward as written (:func:`npllm.model.llama.forward`
+for Llama; :mod:`npllm.model.families` for the others), nothing else.
 
 What ``NPLLM_ENGINE=reference`` (or ``npllm.load(name, engine="reference")``) runs: the forward
 pass the docs show, composed of the readable NumPy equations. Asking for fewer logits or for
@@ -7,7 +8,7 @@ log-probabilities is composed from the whole logits, as the lecture writes it.
 import numpy as np
 
 from npllm.equations import token_log_probs
-from npllm.model.llama import forward
+from npllm.model.families import family_forward
 from npllm.trace import no_trace
 
 
@@ -16,10 +17,11 @@ class ReferenceEngine:
 
     def __init__(self, config, weights):
         self.config, self.weights = config, weights
+        self.forward = family_forward(config)
 
     def __call__(self, inputs, cache=None, attention_mask=None, trace=no_trace):
         """Logits [B, kept, V], or log P(targets) [B, kept] (:class:`~npllm.model.inputs.Inputs`)."""
-        logits = forward(self.weights, self.config, inputs.ids, cache, attention_mask, trace)
+        logits = self.forward(self.weights, self.config, inputs.ids, cache, attention_mask, trace)
         logits = logits[:, -inputs.kept:]
         if inputs.targets is None:
             return logits
@@ -33,4 +35,5 @@ class ReferenceEngine:
         return [fn(item) for item in items]
 
     def __repr__(self):
-        return "reference (npllm.model.llama.forward, NumPy equations)"
+        return f"{self.name} ({self.forward.__module__}.forward, NumPy equations)"
+

@@ -13,7 +13,8 @@ Every function is tested against torch / transformers in ``tests/test_equations_
 from .attention import (attention_pattern, causal_mask, decode_attention, grouped_query_attention,
                         merge_heads, repeat_kv, scaled_dot_product_attention, split_heads)
 from .bpe import apply_merges, bpe_encode, count_pairs, learn_merges, merge_pair, pre_tokenize
-from .counting import (attention_parameters, chinchilla_optimal_tokens, embedding_parameters,
+from .counting import (attention_parameters, chinchilla_optimal_tokens, decoder_parameter_counts,
+                       embedding_parameters,
                        forward_flops_per_token, llama_parameter_counts, mlp_parameters,
                        norm_parameters, training_flops)
 from .decoding import (apply_temperature, filter_logits, greedy, sample, top_k_filter,
@@ -22,11 +23,12 @@ from .grad import (apply_rope_backward, attention_backward, cross_entropy_backwa
                    embedding_backward, grouped_query_attention_backward, linear_backward,
                    lm_head_backward, repeat_kv_backward, residual_backward, rms_norm_backward,
                    silu_backward, softmax_backward, swiglu_backward)
-from .mlp import gelu, silu, swiglu, swiglu_mlp
+from .mlp import gelu, gelu_mlp, linear, silu, swiglu, swiglu_mlp
 from .norm import layer_norm, rms_norm
 from .optim import adamw_step, clip_by_global_norm, global_norm, sgd_step, warmup_cosine_lr
-from .position import (apply_rope, apply_rope_interleaved, interleaved_to_half_rows,
-                       rope_cos_sin, rope_inverse_frequencies, rotate_half, sinusoidal_encoding)
+from .position import (apply_partial_rope, apply_rope, apply_rope_interleaved,
+                       interleaved_to_half_rows, learned_positions, rope_cos_sin,
+                       rope_inverse_frequencies, rotate_half, sinusoidal_encoding)
 from .probability import (bits_per_byte, cross_entropy, lm_head_log_probs, perplexity,
                           sequence_log_prob, token_log_probs)
 from .recurrent import (gru_bptt, gru_cell, gru_forward, lstm_bptt, lstm_cell, lstm_forward,
@@ -44,15 +46,16 @@ __all__ = [
     # position (lecture 003)
     "rope_inverse_frequencies", "rope_cos_sin", "rotate_half", "apply_rope",
     "apply_rope_interleaved", "interleaved_to_half_rows", "sinusoidal_encoding",
+    "apply_partial_rope", "learned_positions",
     # mlp (lecture 003)
-    "silu", "gelu", "swiglu", "swiglu_mlp",
+    "silu", "gelu", "swiglu", "swiglu_mlp", "linear", "gelu_mlp",
     # norm (lecture 003)
     "rms_norm", "layer_norm",
     # decoding (lectures 002, 003)
     "greedy", "apply_temperature", "top_k_filter", "top_p_filter", "filter_logits", "sample",
     # counting (lectures 000, 001)
     "embedding_parameters", "attention_parameters", "mlp_parameters", "norm_parameters",
-    "llama_parameter_counts", "chinchilla_optimal_tokens", "forward_flops_per_token",
+    "llama_parameter_counts", "decoder_parameter_counts", "chinchilla_optimal_tokens", "forward_flops_per_token",
     "training_flops",
     # bpe (lecture 001)
     "pre_tokenize", "count_pairs", "merge_pair", "learn_merges", "apply_merges", "bpe_encode",

@@ -74,6 +74,40 @@ def swiglu_mlp(x, w_gate, w_up, w_down):
     return swiglu(x @ w_gate.T, x @ w_up.T) @ w_down.T
 
 
+def linear(x, w, b=None):
+    r"""A linear layer, with or without bias (lecture 003; ``torch.nn.Linear``).
+
+    .. math::
+        y = x W^\top + b
+
+    x [..., in], w [out, in] (``nn.Linear``'s layout), b [out] or None -> [..., out]. Llama has
+    no biases; Qwen2 adds them to q, k, v; GPT-2 to every projection.
+    """
+    x = as_array(x, "x", "[..., in]")
+    w = as_array(w, "w", "[out, in]")
+    require(w.shape[1] == x.shape[-1], f"w must have shape [out, in] with in = {x.shape[-1]}, "
+                                       f"got {w.shape}")
+    y = x @ w.T
+    if b is None:
+        return y
+    b = as_array(b, "b", "[out]")
+    require(b.shape == w.shape[:1], f"b must have shape [out] = {w.shape[:1]}, got {b.shape}")
+    return y + b
+
+
+def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj, approximate="tanh"):
+    r"""GPT-2's MLP: up to width F, GELU, back down, with biases (lecture 003; HF ``GPT2MLP``).
+
+    .. math::
+        \mathrm{MLP}(x) = W_{proj}\,\mathrm{GELU}(W_{fc}\,x + b_{fc}) + b_{proj}
+
+    x [..., D], w_fc [F, D], b_fc [F], w_proj [D, F], b_proj [D] -> [..., D] (``nn.Linear``
+    layout; GPT-2's Conv1D files are turned at load). GPT-2's ``gelu_new`` is the tanh form.
+    One matrix fewer than :func:`swiglu_mlp`: no gate.
+    """
+    return linear(gelu(linear(x, w_fc, b_fc), approximate), w_proj, b_proj)
+
+
 def _erfc(z):
     # NumPy has no erf. This is the complementary error function of Numerical Recipes ("erfcc",
     # Chebyshev fit), relative error below 1.2e-7 everywhere: float32 accuracy, including the

@@ -32,11 +32,13 @@ def layer_norm(x, weight, bias, eps):
         \mathrm{LayerNorm}(x) = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \odot w + b,\quad
         \mu = \frac{1}{D}\sum_d x_d,\quad \sigma^2 = \frac{1}{D}\sum_d (x_d - \mu)^2
 
-    x [..., D], weight [D], bias [D] -> [..., D]. The variance is the biased one (divide by D).
+    x [..., D], weight [D], bias [D] or None (``nn.LayerNorm(D, bias=False)``: b = 0) -> [..., D].
+    The variance is the biased one (divide by D). GPT-2 and StableLM normalise with it (with a
+    bias), where Llama uses :func:`rms_norm`.
     """
     x = as_array(x, "x", "[..., D]")
     weight = as_array(weight, "weight", "[D]")
-    bias = as_array(bias, "bias", "[D]")
+    bias = np.zeros_like(weight) if bias is None else as_array(bias, "bias", "[D]")
     require(weight.shape == bias.shape == x.shape[-1:],
             f"weight and bias must have shape [D] = {x.shape[-1:]} to match x, "
             f"got {weight.shape} and {bias.shape}")

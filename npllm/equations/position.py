@@ -80,6 +80,41 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+def apply_partial_rope(x, cos, sin):
+    r"""RoPE on the first R coordinates of each head only (StableLM, Phi-3; HF ``apply_rotary_pos_emb``
+    with ``partial_rotary_factor``; lecture 003).
+
+    .. math::
+        \mathrm{RoPE}_R(x) = [\,\mathrm{RoPE}(x_{:R}),\ x_{R:}\,]
+
+    x [..., T, Dh], cos, sin [..., T, R] from :func:`rope_cos_sin` with
+    ``rope_inverse_frequencies(R, theta)`` (R = Dh * partial_rotary_factor, even) -> [..., T, Dh].
+    The last Dh - R coordinates carry no position: StableLM 3B rotates 20 of its 80.
+    """
+    R = np.shape(cos)[-1]
+    require(np.shape(x)[-1] >= R, f"x must have at least R = {R} coordinates per head, got shape "
+                                  f"{np.shape(x)}")
+    x = as_array(x, "x", "[..., T, Dh]")
+    return np.concatenate([apply_rope(x[..., :R], cos, sin), x[..., R:]], axis=-1)
+
+
+def learned_positions(table, positions):
+    r"""Learned absolute position embeddings (GPT-2; HF ``GPT2Model.wpe``; lecture 003).
+
+    .. math::
+        x_t = E_{s_t} + P_{p_t}
+
+    table [P, D] (one trained vector per position, P = n_positions), positions int [..., T]
+    -> [..., T, D]: the rows to add to the token embeddings. Unlike RoPE or the sinusoidal code
+    it is a lookup: a model has no vector for a position beyond P.
+    """
+    table = as_array(table, "table", "[P, D]")
+    positions = np.asarray(positions)
+    require(positions.size == 0 or (positions.min() >= 0 and positions.max() < table.shape[0]),
+            f"positions must lie in [0, {table.shape[0]}): the table has one row per position")
+    return table[positions]
+
+
 def apply_rope_interleaved(x, cos, sin):
     r"""Rotary position embedding, interleaved layout (lecture 003; Meta's original code, GGUF files).
 

@@ -1,4 +1,5 @@
-"""Models: configuration, weights, name resolution, the Llama forward pass and its KV cache."""
+"""Models: configuration, weights, name resolution, the forward passes (Llama's and the other
+families', :mod:`npllm.model.families`) and the KV cache."""
 import os
 
 from npllm.model.cache import KVCache
@@ -20,13 +21,13 @@ def load(name=None, engine=None, packed=None, threads=None, backend=None):
     Numba engine uses (default: BLAS's and Numba's thread counts, i.e. every core).
     """
     from npllm.engine import make_engine
-    from npllm.model.config import LlamaConfig
+    from npllm.model.family_config import read_config
     from npllm.model.hub import resolve
     from npllm.model.weights import load_weights
     from npllm.tokenizer import Tokenizer
 
     folder, source = resolve(name)
-    config = LlamaConfig.from_file(folder / "config.json")
+    config = read_config(folder / "config.json")
     weights = load_weights(folder, config)
     if packed is None:
         packed = os.environ.get("NPLLM_PACKED", "1").strip().lower() not in ("0", "false", "no",

@@ -7,10 +7,12 @@ absent, the value is transformers' documented default for that ``model_type``, e
 ``transformers.LlamaConfig`` / ``MistralConfig`` would fill it in.
 
 Supported: ``model_type`` ``llama`` and ``mistral`` (same decoder: RMSNorm, RoPE, grouped-query
-attention, SwiGLU MLP, no biases). What npllm does not implement is refused with a
-:class:`~npllm.errors.ConfigError` naming the key, rather than silently computing something else:
-RoPE scaling (``rope_type`` other than ``default``: linear, dynamic, yarn, llama3, ...), partial
-rotary embeddings, attention or MLP biases, activations other than SiLU.
+attention, SwiGLU MLP, no biases). The lectures' other families (StableLM, Phi-3, Qwen2, GPT-2)
+have their own config class, :class:`npllm.model.family_config.FamilyConfig`;
+:func:`npllm.model.family_config.read_config` picks the class by ``model_type``. What npllm
+does not implement is refused with a :class:`~npllm.errors.ConfigError` naming the key, rather
+than silently computing something else: RoPE scaling (``rope_type`` other than ``default``:
+linear, dynamic, yarn, llama3, ...), partial rotary embeddings, attention or MLP biases, activations other than SiLU.
 
 The sizes (``vocab_size``, ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
 ``num_attention_heads``) are required: transformers would default them to Llama-2-7B's, which for

@@ -29,6 +29,14 @@ Four things differ between the two formats, and each is undone here, once, at im
    the HF model's attention; :func:`npllm.equations.position.interleaved_to_half_rows` puts the
    rows back (with H heads for q, and K heads for k), so npllm runs the HF layout.
 
+The other families (``general.architecture`` stablelm, phi3, qwen2, gpt2) are imported the same
+way into their own Hugging Face names and config keys (:func:`build_family_config`,
+:data:`FAMILY_TENSOR_NAMES`): llama.cpp runs them with the HF rotation (NEOX RoPE), so their q
+and k rows were never permuted, and GPT-2's matrices go back to its Conv1D layout. Their
+tokenizers (``tokenizer.ggml.pre`` qwen2, stablelm2, Phi-3's SentencePiece, ...) are not
+imported yet: such files are refused with the tokenizer named; files without a tokenizer import.
+Only Llama's matrices are kept in their blocks for packed decoding.
+
 The folder is written atomically: everything goes into a hidden temporary folder beside
 ``out_dir``, renamed to ``out_dir`` only when complete. An interrupted import leaves at most a
 ``.NAME.partial-*`` folder, never an ``out_dir`` that loads but is incomplete.
@@ -53,7 +61,7 @@ class UnsupportedGGUFError(WeightsError):
     """The GGUF file is not one npllm can import (architecture, quantization, tokenizer)."""
 
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "stablelm", "phi3", "qwen2", "gpt2")
 
 # GGUF name -> Hugging Face name, for the tensors outside the decoder blocks.
 TENSOR_NAMES = {
@@ -73,7 +81,22 @@ BLOCK_TENSOR_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+# The other families (llama.cpp's converter: convert_hf_to_gguf.py, gguf-py's tensor_mapping.py):
+# GGUF name -> HF name where it differs from Llama's. StableLM, Phi-3 and Qwen2 rotate the HF
+# way in llama.cpp too (NEOX RoPE): their q and k rows are not permuted. GPT-2's Conv1D matrices
+# were turned to [out, in] by the converter; the import turns them back to GPT-2's [in, out].
+FAMILY_TENSOR_NAMES = {
+    "stablelm": {}, "qwen2": {},
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "gpt2": {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+             "output_norm": "transformer.ln_f", "output": "lm_head",
+             "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+             "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+}
+GPT2_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
+               ".mlp.c_proj.weight")
 
 # tokenizer.ggml.pre values whose llama.cpp pre-tokenizer is "split every digit (\p{N}), then the
 # GPT-2 regex": the original tokenizers' Sequence[Digits(individual_digits), ByteLevel].
@@ -103,14 +126,30 @@ def supported_tensor_types():
     return sorted(supported)
 
 
-def hf_tensor_name(gguf_name):
-    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (None if unknown)."""
-    if gguf_name in TENSOR_NAMES:
-        return TENSOR_NAMES[gguf_name]
+def hf_tensor_name(gguf_name, arch="llama"):
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (None if unknown);
+    ``arch``: the file's ``general.architecture`` (see :data:`FAMILY_TENSOR_NAMES`)."""
+    if arch == "llama":
+        if gguf_name in TENSOR_NAMES:
+            return TENSOR_NAMES[gguf_name]
+        m = _BLOCK_NAME.fullmatch(gguf_name)
+        if m and m[2] in BLOCK_TENSOR_NAMES and m[3] == "weight":
+            return f"model.layers.{m[1]}.{BLOCK_TENSOR_NAMES[m[2]]}.weight"
+        return None
+    names = FAMILY_TENSOR_NAMES.get(arch, {})
+    base, _, suffix = gguf_name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        return None
+    top = {k.rsplit(".", 1)[0]: v.rsplit(".", 1)[0] for k, v in TENSOR_NAMES.items()}
+    if base in names and not base.startswith("blk."):
+        return f"{names[base]}.{suffix}"
+    if base in top:
+        return f"{top[base]}.{suffix}"
     m = _BLOCK_NAME.fullmatch(gguf_name)
-    if m and m[2] in BLOCK_TENSOR_NAMES:
-        return f"model.layers.{m[1]}.{BLOCK_TENSOR_NAMES[m[2]]}.weight"
-    return None
+    if m is None or (m[2] not in names and m[2] not in BLOCK_TENSOR_NAMES):
+        return None
+    layers = "transformer.h" if arch == "gpt2" else "model.layers"
+    return f"{layers}.{m[1]}.{names.get(m[2], BLOCK_TENSOR_NAMES.get(m[2]))}.{suffix}"
 
 
 def read_metadata(reader):
@@ -148,6 +187,8 @@ def build_config(metadata, shapes):
         raise UnsupportedGGUFError(
             f"GGUF architecture {arch!r} is not supported; npllm imports "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (general.architecture).")
+    if arch != "llama":
+        return build_family_config(arch, metadata, shapes)
 
     def get(key, default=_REQUIRED):
         value = metadata.get(f"{arch}.{key}", default)
@@ -202,6 +243,59 @@ def build_config(metadata, shapes):
     return config
 
 
+def build_family_config(arch, metadata, shapes):
+    """config.json of a StableLM, Phi-3, Qwen2 or GPT-2 GGUF file, in the family's HF keys
+    (what transformers' config class of that ``model_type`` reads), from the metadata llama.cpp's
+    converter writes and the tensors' shapes."""
+    def get(key, default=_REQUIRED):
+        value = metadata.get(f"{arch}.{key}", default)
+        if value is _REQUIRED:
+            raise UnsupportedGGUFError(f"the GGUF file has no {arch}.{key} metadata; "
+                                       "it is needed to describe the model")
+        return value
+
+    if metadata.get(f"{arch}.rope.scaling.type", "none") != "none" or any(
+            n.startswith(("rope_freqs", "rope_factors")) for n in shapes):
+        raise UnsupportedGGUFError("RoPE scaling (rope.scaling.type, rope_freqs or rope_factors "
+                                   "tensors) is not supported; npllm implements plain RoPE")
+    V, D = shapes["token_embd.weight"]
+    H = int(get("attention.head_count"))
+    K = int(get("attention.head_count_kv", H))
+    up = shapes["blk.0.ffn_up.weight"][0]
+    common = {"architectures": [ARCHITECTURES_BY_TYPE[arch]], "model_type": arch,
+              "vocab_size": V, "tie_word_embeddings": "output.weight" not in shapes,
+              "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+              "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+              "torch_dtype": "float32"}
+    if arch == "gpt2":
+        return {**common, "n_embd": D, "n_layer": int(get("block_count")), "n_head": H,
+                "n_inner": up, "n_positions": shapes["position_embd.weight"][0],
+                "layer_norm_epsilon": _float32_literal(get("attention.layer_norm_epsilon")),
+                "activation_function": "gelu_new", "tie_word_embeddings": True}
+    config = {**common, "hidden_size": D, "num_hidden_layers": int(get("block_count")),
+              "num_attention_heads": H, "num_key_value_heads": K,
+              "intermediate_size": up // 2 if arch == "phi3" else up,
+              "max_position_embeddings": int(get("context_length")),
+              "rope_theta": _float32_literal(get("rope.freq_base", 10000.0)), "hidden_act": "silu"}
+    head_dim = D // H
+    factor = int(get("rope.dimension_count", head_dim)) / head_dim
+    if arch == "stablelm":
+        config.update(layer_norm_eps=_float32_literal(get("attention.layer_norm_epsilon")),
+                      partial_rotary_factor=factor,
+                      use_qkv_bias="blk.0.attn_q.bias" in shapes,
+                      use_parallel_residual=bool(get("use_parallel_residual", False)))
+    else:
+        config["rms_norm_eps"] = _float32_literal(get("attention.layer_norm_rms_epsilon"))
+    if arch == "phi3":
+        config.update(partial_rotary_factor=factor,
+                      sliding_window=get("attention.sliding_window", None) or None)
+    return config
+
+
+ARCHITECTURES_BY_TYPE = {"stablelm": "StableLmForCausalLM", "phi3": "Phi3ForCausalLM",
+                         "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+
 def check_supported(reader, metadata):
     """Raise :class:`UnsupportedGGUFError` before any work if the file cannot be imported."""
     supported = supported_tensor_types()
@@ -210,11 +304,13 @@ def check_supported(reader, metadata):
         raise UnsupportedGGUFError(
             f"GGUF tensor types {', '.join(bad)} cannot be dequantized; supported types: "
             f"{', '.join(supported)}")
-    unknown = [t.name for t in reader.tensors if hf_tensor_name(t.name) is None]
+    arch = metadata.get("general.architecture", "llama")
+    unknown = [t.name for t in reader.tensors if hf_tensor_name(t.name, arch) is None]
     if unknown:
         raise UnsupportedGGUFError(
-            f"GGUF tensors {', '.join(unknown[:5])} have no Llama counterpart; expected "
-            f"{', '.join(TENSOR_NAMES)} and blk.N.{{{', '.join(BLOCK_TENSOR_NAMES)}}}.weight")
+            f"GGUF tensors {', '.join(unknown[:5])} have no {arch} counterpart in npllm; "
+            f"expected {', '.join(TENSOR_NAMES)} and blk.N.{{{', '.join(BLOCK_TENSOR_NAMES)}}}"
+            ".weight (and the family's names: npllm.model.gguf.FAMILY_TENSOR_NAMES)")
     model = metadata.get("tokenizer.ggml.model")
     pre = metadata.get("tokenizer.ggml.pre", "gpt2")
     if model is not None and (model != "gpt2"
@@ -229,13 +325,29 @@ def hf_tensors(reader, config):
     """Yield (HF name, float32 array) for every tensor: dequantized, reshaped, Q/K rows restored."""
     from npllm.equations.position import interleaved_to_half_rows
 
-    for tensor in reader.tensors:
-        name, w = hf_tensor_name(tensor.name), dequantize_tensor(tensor)
-        if name.endswith("q_proj.weight"):
+    arch = config["model_type"]
+    for tensor in tensors_to_import(reader, config):
+        name, w = hf_tensor_name(tensor.name, arch), dequantize_tensor(tensor)
+        if arch != "llama":  # no permuted rows; GPT-2's Conv1D back to [in, out]
+            w = w.T if name.endswith(GPT2_CONV1D) else w
+        elif name.endswith("q_proj.weight"):
             w = interleaved_to_half_rows(w, config["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             w = interleaved_to_half_rows(w, config["num_key_value_heads"])
         yield name, w
+
+
+def hf_shape(tensor, arch):
+    """(HF name, shape in the HF file) of a GGUF tensor: GPT-2's Conv1D matrices [in, out]."""
+    name, shape = hf_tensor_name(tensor.name, arch), numpy_shape(tensor)
+    return name, shape[::-1] if arch == "gpt2" and name.endswith(GPT2_CONV1D) else shape
+
+
+def tensors_to_import(reader, config):
+    """The GGUF tensors to write: all, except GPT-2's ``output.weight``, the converter's copy of
+    the token embedding (GPT-2's LM head is tied)."""
+    skip = "output.weight" if config["model_type"] == "gpt2" else None
+    return [t for t in reader.tensors if t.name != skip]
 
 
 def packed_tensors(reader, config):
@@ -254,6 +366,8 @@ def packed_tensors(reader, config):
     from npllm.ggml_blocks import BLOCK_BYTES
     from npllm.model.weights import expected_shapes
 
+    if config["model_type"] != "llama":  # the packed decoding path is Llama's (npllm.engine)
+        return
     order = {name: i for i, name in enumerate(expected_shapes(LlamaConfig.from_dict(config)))}
     order["model.embed_tokens.weight"] = len(order)  # read as the (tied) LM head, last
     found = []
@@ -450,7 +564,8 @@ def convert_gguf(gguf_path, out_dir, progress=True):
     tmp.mkdir()  # unlike tempfile.mkdtemp (mode 0700), honours the umask like any new folder
     try:
         _write_json(tmp / "config.json", config)
-        shapes = {hf_tensor_name(t.name): numpy_shape(t) for t in reader.tensors}
+        arch = config["model_type"]
+        shapes = dict(hf_shape(t, arch) for t in tensors_to_import(reader, config))
         with tqdm(hf_tensors(reader, config), total=len(shapes), desc="importing GGUF",
                   unit="tensor", file=sys.stderr, disable=not progress) as bar:
             write_safetensors(tmp / "model.safetensors", shapes, bar, metadata={"format": "pt"})

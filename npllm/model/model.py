@@ -59,7 +59,12 @@ class Model:
         return sum(unique.values())
 
     def __repr__(self):
-        return "\n".join([module_tree(self.config, self.weights), f"engine: {self.engine}"])
+        if self.config.model_type in ("llama", "mistral"):
+            tree = module_tree(self.config, self.weights)
+        else:
+            from npllm.inspect import model_tree
+            tree = model_tree(self.config)
+        return "\n".join([tree, f"engine: {self.engine}"])
 
 
 def module_tree(config, weights):

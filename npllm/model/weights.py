@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from npllm.errors import WeightsError
+from npllm.model.family_config import embedding_name, family_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -74,7 +75,10 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 
 def expected_shapes(config):
-    """``{name: (shape, symbolic shape)}`` of every tensor ``config`` implies, in model order."""
+    """``{name: (shape, symbolic shape)}`` of every tensor ``config`` implies, in model order
+    (the other families' names: :func:`npllm.model.family_config.family_shapes`)."""
+    if config.model_type not in ("llama", "mistral"):
+        return family_shapes(config)
     V, D, F = config.vocab_size, config.hidden_size, config.intermediate_size
     H, K, Dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     shapes = {"model.embed_tokens.weight": ((V, D), "[V, D]")}
@@ -115,6 +119,9 @@ def load_weights(folder, config):
         header, data_start, _ = read_safetensors_header(path)
         for name, entry in header.items():
             tensors.setdefault(name, (path, entry, data_start))
+    if config.model_type == "gpt2":  # the Hub's gpt2 files omit the "transformer." prefix
+        tensors = {(n if n.startswith(("transformer.", "lm_head.")) else "transformer." + n): t
+                   for n, t in tensors.items()}
 
     shapes = expected_shapes(config)
     tied = config.tie_word_embeddings or "lm_head.weight" not in tensors
@@ -131,9 +138,22 @@ def load_weights(folder, config):
             # results of arithmetic and astype would still claim to be memory maps).
             maps[path] = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
         weights[name] = _as_float32(name, path, maps[path], entry, data_start)
-    weights["lm_head.weight"] = weights["model.embed_tokens.weight"] if tied else weights.pop(
+    weights["lm_head.weight"] = weights[embedding_name(config)] if tied else weights.pop(
         "lm_head.weight")
-    return weights
+    return conv1d_to_linear(weights) if config.model_type == "gpt2" else weights
+
+
+def conv1d_to_linear(weights):
+    """GPT-2's weights with every Conv1D matrix in ``nn.Linear``'s layout [out, in].
+
+    GPT-2's ``Conv1D`` stores its matrix as [in, out] and computes ``x @ W + b``; every other
+    family (and every forward pass in npllm) uses ``x @ W.T + b`` with W [out, in]. Turned once
+    here, at load, so :func:`npllm.model.gpt2.forward` reads like the others. The transposes are
+    views: no copy.
+    """
+    conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
+              ".mlp.c_proj.weight")
+    return {name: w.T if name.endswith(conv1d) else w for name, w in weights.items()}
 
 
 def safetensors_files(folder):

@@ -1,0 +1,88 @@
+"""The equations the other families add, against torch / transformers: linear with and without
+bias, LayerNorm without bias, GPT-2's MLP, partial RoPE (StableLM, Phi-3) and learned positions."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+from conftest import assert_close
+from npllm.equations import (apply_partial_rope, gelu_mlp, layer_norm, learned_positions, linear,
+                             rope_cos_sin, rope_inverse_frequencies)
+
+
+def data(seed, shape, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+# One dot product of <= 32 terms per output in float32: a few ulp apart (summation order).
+LINEAR_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@given(seed=st.integers(0, 2**32 - 1), n_in=st.integers(1, 32), n_out=st.integers(1, 32),
+       bias=st.booleans())
+def test_linear_matches_torch(seed, n_in, n_out, bias):
+    x, w, b = data(seed, (2, 3, n_in)), data(seed + 1, (n_out, n_in)), data(seed + 2, (n_out,))
+    expected = F.linear(torch.from_numpy(x), torch.from_numpy(w),
+                        torch.from_numpy(b) if bias else None).numpy()
+    assert_close(linear(x, w, b if bias else None), expected, **LINEAR_TOL)
+
+
+@given(seed=st.integers(0, 2**32 - 1), D=st.integers(2, 48))
+def test_layer_norm_without_bias_matches_torch(seed, D):
+    x, w = data(seed, (3, D)), data(seed + 1, (D,))
+    expected = F.layer_norm(torch.from_numpy(x), (D,), torch.from_numpy(w), None, 1e-5).numpy()
+    assert_close(layer_norm(x, w, None, 1e-5), expected, rtol=1e-5, atol=1e-5)
+
+
+@given(seed=st.integers(0, 2**32 - 1), D=st.integers(1, 16), Fw=st.integers(1, 32),
+       approximate=st.sampled_from(["none", "tanh"]))
+def test_gelu_mlp_matches_gpt2_mlp(seed, D, Fw, approximate):
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    config = GPT2Config(n_embd=D, activation_function="gelu_new" if approximate == "tanh"
+                        else "gelu")
+    mlp = GPT2MLP(Fw, config).eval()
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = data(seed, (2, 5, D))
+    with torch.no_grad():
+        expected = mlp(torch.from_numpy(x)).numpy()
+    # GPT-2's Conv1D keeps [in, out]: gelu_mlp takes nn.Linear's [out, in], the transpose.
+    w = {n: p.detach().numpy() for n, p in mlp.named_parameters()}
+    got = gelu_mlp(x, w["c_fc.weight"].T, w["c_fc.bias"], w["c_proj.weight"].T,
+                   w["c_proj.bias"], approximate)
+    assert_close(got, expected, rtol=1e-4, atol=1e-5)  # two products + GELU's erf/tanh
+
+
+@given(seed=st.integers(0, 2**32 - 1), Dh=st.sampled_from([8, 16, 32]),
+       factor=st.sampled_from([0.25, 0.5, 1.0]), theta=st.sampled_from([1e4, 1e5]))
+def test_partial_rope_matches_stablelm(seed, Dh, factor, theta):
+    from transformers.models.stablelm.modeling_stablelm import apply_rotary_pos_emb
+
+    R = int(Dh * factor)
+    q, k = data(seed, (1, 2, 7, Dh)), data(seed + 1, (1, 2, 7, Dh))
+    positions = np.arange(3, 10)[None]
+    cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(R, theta))  # [1, 7, R]
+    # transformers' StableLM splits off the first R coordinates itself, then calls this.
+    q_rot, k_rot = apply_rotary_pos_emb(torch.from_numpy(q[..., :R]), torch.from_numpy(k[..., :R]),
+                                        torch.from_numpy(cos), torch.from_numpy(sin))
+    expected = np.concatenate([q_rot.numpy(), q[..., R:]], axis=-1)
+    got = apply_partial_rope(q, cos[:, None], sin[:, None])
+    assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    if R < Dh:  # the unrotated coordinates pass through unchanged
+        np.testing.assert_array_equal(got[..., R:], q[..., R:])
+
+
+@given(seed=st.integers(0, 2**32 - 1), P=st.integers(1, 64), D=st.integers(1, 16))
+def test_learned_positions_match_embedding(seed, P, D):
+    table = data(seed, (P, D))
+    positions = np.random.default_rng(seed).integers(0, P, size=(2, 5))
+    expected = F.embedding(torch.from_numpy(positions), torch.from_numpy(table)).numpy()
+    np.testing.assert_array_equal(learned_positions(table, positions), expected)
+
+
+def test_learned_positions_refuse_positions_beyond_the_table():
+    import pytest
+    with pytest.raises(ValueError, match="positions"):
+        learned_positions(np.zeros((4, 2), np.float32), np.array([[0, 4]]))
