@@ -60,7 +60,7 @@ def _dask():
 def partitions(items, batch_size, size=DEFAULT_PARTITION_SIZE):
     """The input's partitions, ``[range(start, stop), ...]``: consecutive chunks of
     :func:`npllm.score.chunks` gathered until they hold at least ``size`` items."""
-    from npllm.score import chunks
+    from npllm.score.windows import chunks
 
     out, start = [], None
     for chunk in chunks(items, batch_size):
@@ -136,7 +136,7 @@ def load_on_workers(client, model=None, backend=None):
 
 def _score_partition(model, backend, start, items, settings):
     """Score one partition on a worker: ``[(index in the input, TextScore or ScoreError)]``."""
-    from npllm.score import iter_scores
+    from npllm.score.api import iter_scores
 
     out = []
     for i, result in iter_scores(_worker_model(model, backend), items, **settings):

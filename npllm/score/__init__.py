@@ -34,11 +34,12 @@ policy), :mod:`~npllm.score.results` (the result classes and their rendering),
 (:func:`score` and :func:`iter_scores`) and :mod:`~npllm.score.corpus` (corpus perplexity).
 """
 from npllm.errors import ScoreError
-from npllm.score.api import BAR_FORMAT, iter_scores, score
+from npllm.score.api import BAR_FORMAT, iter_scores
 from npllm.score.batching import DEFAULT_BATCH_SIZE, MAX_BATCH_TOKENS, batch_plan
 from npllm.score.bos import AUTO_BOS_SEPARATOR, Bos, resolve_bos
 from npllm.score.corpus import CorpusPerplexity, corpus_perplexity, corpus_stats
 from npllm.score.results import BASES, LN2, UNITS, Factor, TextScore, WordScore
+from npllm.score.scoring import score
 from npllm.score.windows import CHUNK_CHARACTERS, SORT_BATCHES, check_settings, chunks, prepare
 
 __all__ = ["score", "iter_scores", "corpus_perplexity", "resolve_bos", "TextScore", "WordScore",

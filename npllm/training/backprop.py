@@ -66,6 +66,23 @@ def loss_and_grads(weights, config, input_ids, targets, padding_idx=None):
     return loss, backward(weights, config, saved, input_ids, targets, padding_idx)
 
 
+def attend(q, k, v, mask):
+    """Causal grouped-query attention, keeping its pattern for the backward pass: q [B, H, T, Dh],
+    k, v [B, K, T, Dh] -> (A [B, H, T, T], heads [B, T, H Dh]). Its products are small (one
+    [T, Dh] matrix per head), so they run with BLAS on one thread (:func:`one_blas_thread`)."""
+    group = q.shape[1] // k.shape[1]
+    with one_blas_thread():
+        A = attention_pattern(q, repeat_kv(k, group), mask)
+        return A, merge_heads(A @ repeat_kv(v, group))
+
+
+def attend_backward(d_heads, s):
+    """The backward of :func:`attend` (:func:`~npllm.equations.grouped_query_attention_backward`)
+    from the layer's saved q, k, v and pattern, on one BLAS thread as :func:`attend`."""
+    with one_blas_thread():
+        return grouped_query_attention_backward(d_heads, s.q, s.k, s.v, s.A)
+
+
 def forward(weights, config, ids, targets):
     """The forward pass of :mod:`npllm.model.llama` for ids [B, T], without a cache or padding:
     -> (loss, saved), ``saved`` holding what :func:`backward` reads."""
@@ -84,9 +101,7 @@ def forward(weights, config, ids, targets):
         s.q = apply_rope(split_heads(linear(s.h, w.q), H), cos, sin)  # [B, H, T, Dh]
         s.k = apply_rope(split_heads(linear(s.h, w.k), K), cos, sin)  # [B, K, T, Dh]
         s.v = split_heads(linear(s.h, w.v), K)
-        with one_blas_thread():
-            s.A = attention_pattern(s.q, repeat_kv(s.k, H // K), mask)  # [B, H, T, T]
-            s.heads = merge_heads(s.A @ repeat_kv(s.v, H // K))  # [B, T, H * Dh]
+        s.A, s.heads = attend(s.q, s.k, s.v, mask)  # [B, H, T, T], [B, T, H * Dh]
         x = x + linear(s.heads, w.o)
         s.x_mid = x
         s.h2 = rms_norm(x, w.post_norm, eps)
@@ -121,9 +136,7 @@ def backward(weights, config, saved, ids, targets, padding_idx=None):
         # x_mid = x + attention(RMSNorm(x))
         d_x, d_attn = residual_backward(d_x)
         d_heads, g["self_attn.o_proj"] = linear_backward(d_attn, s.heads, w.o)
-        with one_blas_thread():
-            d_q, d_k, d_v = grouped_query_attention_backward(split_heads(d_heads, H), s.q, s.k,
-                                                             s.v, s.A)
+        d_q, d_k, d_v = attend_backward(split_heads(d_heads, H), s)
         d_q = apply_rope_backward(d_q, saved.cos, saved.sin)
         d_k = apply_rope_backward(d_k, saved.cos, saved.sin)
         d_h_q, g["self_attn.q_proj"] = linear_backward(merge_heads(d_q), s.h, w.q)
