@@ -76,7 +76,7 @@ NUMBER = re.compile(r"(?<![\w.])(?:\d+\.\d+(?:e[-+]?\d+)?(?:%|x(?!\w))?|\d+%|\d{
 DATA = Path(__file__).resolve().parents[1] / "data"
 # Pages of dated measurements (bench runs on one machine, each with its command): their
 # numbers are records, not what the code prints at build time.
-RECORDED_PAGES = ("performance.md",)
+RECORDED_PAGES = ("performance.md", "performance.new.md")
 
 
 class _Blocker(importlib.abc.MetaPathFinder):
@@ -188,10 +188,26 @@ def _fence(code, path, first_line):
             f"{code.rstrip()}\n```")
 
 
+def _resolve(dotted):
+    """``package.module.Class.method`` -> the object: the longest importable module prefix,
+    then attributes."""
+    parts = dotted.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            if i == 1:
+                raise
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module in {dotted!r}")
+
+
 def _source_block(dotted, page):
-    module_name, _, attr = dotted.rpartition(".")
     try:
-        obj = getattr(importlib.import_module(module_name), attr)
+        obj = _resolve(dotted)
         lines, first = inspect.getsourcelines(obj)
         path = Path(inspect.getsourcefile(obj)).resolve().relative_to(ROOT)
     except (ImportError, AttributeError, TypeError, ValueError) as e:
