@@ -188,26 +188,15 @@ def _fence(code, path, first_line):
             f"{code.rstrip()}\n```")
 
 
-def _resolve(dotted):
-    """``package.module.Class.method`` -> the object: the longest importable module prefix,
-    then attributes."""
-    parts = dotted.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            if i == 1:
-                raise
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(f"no module in {dotted!r}")
-
-
 def _source_block(dotted, page):
+    """The source of ``dotted``: a module's function or class, or a class's method."""
+    module_name, _, attr = dotted.rpartition(".")
     try:
-        obj = _resolve(dotted)
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except ImportError:  # module.Class.method
+            module_name, _, cls = module_name.rpartition(".")
+            obj = getattr(getattr(importlib.import_module(module_name), cls), attr)
         lines, first = inspect.getsourcelines(obj)
         path = Path(inspect.getsourcefile(obj)).resolve().relative_to(ROOT)
     except (ImportError, AttributeError, TypeError, ValueError) as e:
