@@ -174,7 +174,7 @@ def test_links_to_source_files_become_reference_links_or_paths(tmp_path):
     assert "generate (`npllm/generate.py`)" in out
     assert "[a page](../index.md)" in out and "![fig](x.png)" in out
     assert "[web](https://example.org/a.py)" in out
-    assert "[kept](../../npllm/score.py)" in out  # code blocks are left alone
+    assert "[kept](../../npllm/generate.py)" in out  # code blocks are left alone
 
 
 def load_hook(name="npllm_docs_hook3"):

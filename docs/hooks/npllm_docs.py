@@ -76,7 +76,7 @@ NUMBER = re.compile(r"(?<![\w.])(?:\d+\.\d+(?:e[-+]?\d+)?(?:%|x(?!\w))?|\d+%|\d{
 DATA = Path(__file__).resolve().parents[1] / "data"
 # Pages of dated measurements (bench runs on one machine, each with its command): their
 # numbers are records, not what the code prints at build time.
-RECORDED_PAGES = ("performance.md", "performance.new.md")
+RECORDED_PAGES = ("performance.md",)
 
 
 class _Blocker(importlib.abc.MetaPathFinder):
