@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 import tempfile
 from contextlib import redirect_stderr
 from pathlib import Path

@@ -15,8 +15,8 @@ from test_gguf import write_tiny_gguf
 from tiny_models import make_tiny_llama, tiny_llama
 
 import npllm
-from npllm.errors import ArgumentError, ModelNotFoundError, NpllmError, WeightsError
-from npllm.generate import TextTracker, chat_prompt_ids
+from npllm.errors import ModelNotFoundError, NpllmError, WeightsError
+from npllm.generate import chat_prompt_ids
 from npllm.model.gguf import convert_gguf
 from npllm.model.hub import sweep_stale_imports
 from npllm.model.weights import PACKED_FILE, read_safetensors_header
@@ -308,3 +308,18 @@ def test_a_long_text_reports_progress_window_by_window(tiny):
     windows = [c for c in calls if c < 1]  # the long text, a fraction per batch of windows
     assert len(windows) > 10 and sum(windows) == pytest.approx(1.0)
     assert sum(calls) == pytest.approx(3.0)  # every item, the error too, counts once
+
+
+def test_a_gguf_whose_metadata_contradicts_its_tensors_is_refused(tmp_path):
+    """Found by the fuzz tests: a flipped bit made block_count 9,437,186 while the file held 2
+    layers; the import then built 9 million layers' names (12 GB, without end)."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_llama())
+    data = bytearray(path.read_bytes())
+    key = b"llama.block_count"
+    at = data.index(key) + len(key) + 4  # the key, its value's type (uint32), the value
+    assert int.from_bytes(data[at:at + 4], "little") == 2
+    data[at:at + 4] = (2**30).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(NpllmError, match=r"the metadata says 1073741824 layers \(block_count\) "
+                                         r"but the tensors are those of 2 layers"):
+        convert_gguf(path, tmp_path / "out", progress=False)
