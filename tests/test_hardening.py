@@ -323,3 +323,11 @@ def test_a_gguf_whose_metadata_contradicts_its_tensors_is_refused(tmp_path):
     with pytest.raises(NpllmError, match=r"the metadata says 1073741824 layers \(block_count\) "
                                          r"but the tensors are those of 2 layers"):
         convert_gguf(path, tmp_path / "out", progress=False)
+
+
+def test_the_docs_state_the_template_bounds_the_code_uses():
+    from pathlib import Path
+    from npllm.tokenizer import MAX_TEMPLATE_STEPS
+    page = (Path(__file__).resolve().parents[1] / "docs" / "generation.md").read_text()
+    assert f"at most {MAX_TEMPLATE_STEPS:,} steps" in page
+    assert f"at most {MAX_TEMPLATE_CHARACTERS:,} characters of output" in page
