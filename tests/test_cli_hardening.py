@@ -276,3 +276,17 @@ def test_score_split_special_tokens_flag(capsys, folder):
 def test_bos_as_typed_text_names_the_token_it_wants(capsys, folder):
     status, _, err = run_cli(capsys, "score", "-m", folder, "--bos", " the", "quick fox")
     assert status == 2 and "as text it is the one token 'Ġthe'" in err
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tsv"])
+def test_resume_of_a_file_cut_inside_its_first_line_starts_afresh(tmp_path, folder, capsys, fmt):
+    path, _ = _input(tmp_path, 4)
+    common = ["score", "-m", folder, "-f", path, "--format", fmt, "-q"]
+    whole, cut = tmp_path / f"whole.{fmt}", tmp_path / f"cut.{fmt}"
+    assert run_cli(capsys, *common, "-o", str(whole))[0] == 0
+    cut.write_bytes(whole.read_bytes()[:10])  # killed while writing the metadata or the header
+    if fmt == "tsv":
+        Path(f"{cut}.meta.json").write_bytes(Path(f"{whole}.meta.json").read_bytes())
+    status, _, err = run_cli(capsys, *common, "-o", str(cut), "--resume")
+    assert status == 0, err
+    assert cut.read_bytes() == whole.read_bytes()

@@ -150,7 +150,8 @@ def score_items(args, items, fmt, source, out_path, locked):
             if f is not locked[0]:
                 locked.append(f)
         if resumed is None:
-            if f.seek(0, os.SEEK_END) and not args.force:  # written since the first check
+            # a file written since the first check (with --resume: one with no complete record)
+            if f.seek(0, os.SEEK_END) and not (args.force or args.resume):
                 raise OutputError(f"{out_path} exists: add --resume to continue it, --force to "
                                   "overwrite it, or give another -o FILE")
             f.truncate(0)

@@ -294,6 +294,8 @@ class JsonlWriter:
         ``head`` is the metadata line; reading stops at the first line that is not a complete
         record (the half line a killed run leaves), whose bytes and the rest are dropped."""
         lines, records, end = data.split(b"\n"), [], 0
+        if len(lines) < 2:  # not even the metadata record was finished: start afresh
+            return None, [], len(data)
         for i, raw in enumerate(lines[:-1]):  # the piece after the last newline is incomplete
             try:
                 record = json.loads(raw)
