@@ -287,7 +287,6 @@ def test_damaged_packed_weights_are_refused_at_load(tmp_path, packed_gguf, damag
 
 @pytest.mark.parametrize("text", ["Price: $", "It costs $5 or $6"])
 def test_plot_labels_with_dollar_signs(tmp_path, tiny, text):
-    pytest.importorskip("matplotlib")
     from npllm import plot
     from matplotlib.text import Text
     fig = plot.next_token(tiny, text, path=tmp_path / "p.png")  # main: ParseException on "$"
