@@ -164,12 +164,12 @@ def test_links_to_source_files_become_reference_links_or_paths(tmp_path):
         class file:
             src_uri = "eq/page.md"
     config = {"docs_dir": str(ROOT / "docs")}
-    markdown = ("[`softmax`](../../npllm/equations/softmax.py) and [score](../../npllm/score.py), "
+    markdown = ("[`softmax`](../../npllm/equations/softmax.py) and [score](../../npllm/generate.py), "
                 "[a page](../index.md), ![fig](x.png), [web](https://example.org/a.py)\n"
-                "```python\n[kept](../../npllm/score.py)\n```\n")
+                "```python\n[kept](../../npllm/generate.py)\n```\n")
     out = hook._repository_links(markdown, Page, config)
     assert "[`softmax`][npllm.equations.softmax]" in out
-    assert "score (`npllm/score.py`)" in out
+    assert "score (`npllm/generate.py`)" in out
     assert "[a page](../index.md)" in out and "![fig](x.png)" in out
     assert "[web](https://example.org/a.py)" in out
-    assert "[kept](../../npllm/score.py)" in out  # code blocks are left alone
+    assert "[kept](../../npllm/generate.py)" in out  # code blocks are left alone
