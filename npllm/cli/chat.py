@@ -48,8 +48,8 @@ def read_messages(interactive):
 def run(args):
     import numpy as np
 
-    from npllm.cli import stdin_is_terminal
-    from npllm.cli.generate import load_model, sampling_options
+    from npllm.cli import load_model, stdin_is_terminal
+    from npllm.cli.generate import sampling_options
     from npllm.generate import ContextLengthError, chat
 
     options = sampling_options(args)

@@ -41,18 +41,6 @@ def add_special_tokens_argument(parser):
                              "turn of another role")
 
 
-def load_model(args):
-    """``npllm.load`` of ``--model``, without its messages on stderr under ``--quiet``."""
-    import contextlib
-    import io
-
-    import npllm
-    if getattr(args, "quiet", False):
-        with contextlib.redirect_stderr(io.StringIO()):
-            return npllm.load(args.model, backend=args.backend)
-    return npllm.load(args.model, backend=args.backend)
-
-
 def sampling_options(args):
     """The keyword arguments of ``npllm.generate.generate`` given on the command line, checked
     (a bad value is an error before the model is loaded)."""
@@ -108,6 +96,7 @@ def format_steps(steps):
 
 
 def run(args):
+    from npllm.cli import load_model
     from npllm.generate import chat_prompt_ids, generate
 
     options = sampling_options(args)

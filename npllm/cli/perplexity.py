@@ -8,11 +8,11 @@ import json
 import re
 import sys
 
-from npllm.cli import stdin_is_terminal
+from npllm.cli import load_model, stdin_is_terminal
+from npllm.cli.score_io import (EXIT_SOME_FAILED, add_input_arguments, add_scoring_arguments,
+                                decode, input_format, parse_bos, read_items, read_lines)
 from npllm.errors import InputError
-from npllm.cli.score import (DEFAULT_MODEL, EXIT_SOME_FAILED, add_input_arguments,
-                             add_scoring_arguments, decode, input_format, load_model,
-                             parse_bos, read_items, read_lines)
+from npllm.model.hub import DEFAULT_MODEL
 
 EPILOG = """\
 examples:

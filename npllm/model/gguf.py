@@ -296,6 +296,37 @@ ARCHITECTURES_BY_TYPE = {"stablelm": "StableLmForCausalLM", "phi3": "Phi3ForCaus
                          "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
+def check_tensor_shapes(config, shapes):
+    """Raise :class:`UnsupportedGGUFError` unless the tensors are the ones ``config`` (from the
+    metadata) describes: one block of tensors per layer, each of the expected shape. A damaged
+    or inconsistent file (a block_count of 2^40 with 2 layers of tensors) stops here, before
+    anything is built from the metadata's numbers."""
+    from npllm.model.family_config import config_from_dict
+    from npllm.model.weights import expected_shapes
+
+    config = config_from_dict(config)
+    n_layers = config.num_hidden_layers
+    layers = {int(m.group(1)) for m in map(re.compile(r"blk\.(\d+)\.").match, shapes) if m}
+    if len(layers) != n_layers or (layers and (min(layers), max(layers)) != (0, n_layers - 1)):
+        held = f"{len(layers)} layers (blk.{min(layers)} to blk.{max(layers)})" if layers \
+            else "no layer"
+        raise UnsupportedGGUFError(f"the metadata says {n_layers} layers (block_count) but the "
+                                   f"tensors are those of {held}: the file is damaged or "
+                                   "inconsistent")
+    if config.model_type != "llama":  # the families' tensors are checked as they are converted
+        return
+    hf_shapes = {hf_tensor_name(name): tuple(shape) for name, shape in shapes.items()}
+    for name, (shape, symbols) in expected_shapes(config).items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        found = hf_shapes.get(name)
+        if found != shape:
+            what = "missing" if found is None else f"of shape {found}"
+            raise UnsupportedGGUFError(f"tensor {name} is {what}, but the metadata describes "
+                                       f"{symbols} = {shape}: the file is damaged or "
+                                       "inconsistent")
+
+
 def check_supported(reader, metadata):
     """Raise :class:`UnsupportedGGUFError` before any work if the file cannot be imported."""
     supported = supported_tensor_types()
@@ -554,6 +585,7 @@ def convert_gguf(gguf_path, out_dir, progress=True):
         raise UnsupportedGGUFError(f"{gguf_path} is not a readable GGUF file: {e}") from e
     metadata = read_metadata(reader)
     config = build_config(metadata, {t.name: numpy_shape(t) for t in reader.tensors})
+    check_tensor_shapes(config, {t.name: numpy_shape(t) for t in reader.tensors})
     check_supported(reader, metadata)
     has_tokenizer = "tokenizer.ggml.tokens" in metadata
 
