@@ -159,8 +159,13 @@ def test_resume_reports_and_retries_error_records(tmp_path, folder, capsys):
     assert (f"npllm score: resuming {out}: kept 4 records, dropped an incomplete end of "
             f"{len(data.splitlines(True)[-1]) - 9} bytes, dropped 1 error record to try again; "
             "2 to score") in err
+    # The error record's line, scored again, is put back in its place: the file is the one an
+    # uninterrupted run on the fixed input writes, byte for byte.
+    once = tmp_path / "once.jsonl"
+    assert run_cli(capsys, *common, "-q", "-o", str(once))[0] == 0
+    assert out.read_bytes() == once.read_bytes()
     records = jsonl(out.read_text(encoding="utf-8"))[1:]
-    assert sorted(r["id"] for r in records) == [f"r{i}" for i in range(6)]
+    assert [r["id"] for r in records] == [f"r{i}" for i in range(6)]
     assert all(r["type"] == "score" for r in records)
     # a record for an id the input does not have: not this input's output
     src.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]), encoding="utf-8")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from npllm.cli.score_io import (EXIT_SOME_FAILED, JsonlWriter, TableWriter, TsvWriter,
                                 add_input_arguments, add_scoring_arguments, gather_items,
-                                lock_output, parse_bos, resume_output)
+                                lock_output, parse_bos, put_in_input_order, resume_output)
 from npllm.errors import OutputError
 from npllm.model.hub import DEFAULT_MODEL
 
@@ -207,6 +207,8 @@ def score_items(args, items, fmt, source, out_path, locked):
         if stream is not sys.stdout:
             stream.flush()
             stream.detach()
+    if resumed is not None and resumed.errors:  # their new records came last
+        locked.append(put_in_input_order(f, out_path, writer, metadata, items))
     if failed:
         where = f" (error records in {out_path})" if out_path else ""
         print(f"npllm score: {failed} of {len(items)} texts could not be scored{where}",

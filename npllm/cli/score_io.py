@@ -502,10 +502,11 @@ class Resumed:
 
 def resume_output(f, path, writer, metadata, items):
     """Continue the output file ``f`` (locked, at ``path``): keep its complete score records,
-    drop an incomplete end and the error records (their lines are scored again, after the
-    others), check that every kept record is one of the input's ids, once. Returns ``(file to
-    append to, Resumed)``; the file is ``f``, or the compacted copy that replaced it (locked
-    too: both stay open until the run ends)."""
+    drop an incomplete end and the error records (their lines are scored again; the run then
+    puts every record back in input order, :func:`put_in_input_order`), check that every kept
+    record is one of the input's ids, once. Returns ``(file to append to, Resumed)``; the file
+    is ``f``, or the compacted copy that replaced it (locked too: both stay open until the run
+    ends)."""
     f.seek(0)
     data = f.read()
     if not data:
@@ -536,6 +537,35 @@ def resume_output(f, path, writer, metadata, items):
     elif dropped:
         f.truncate(len(data) - dropped)
     return f, Resumed(set(done), len(kept), dropped, errors)
+
+
+def put_in_input_order(f, path, writer, metadata, items):
+    """After a resumed run whose error records were scored again (their records written after
+    the others), put every record back in the input's order, so that the file is the one an
+    uninterrupted run writes: a copy written beside it, locked, then swapped in, as
+    :func:`resume_output` does. Returns the file to keep locked (``f`` or the copy)."""
+    f.seek(0)
+    head, records, _ = writer.read_records(f.read(), metadata, path)
+    places = {}  # key -> the input positions of the items written under it, in order
+    for i, item in enumerate(items):
+        places.setdefault(writer.key(item.id), []).append(i)
+    taken = Counter()
+
+    def place(key):
+        taken[key] += 1
+        found = places.get(key, ())
+        return found[taken[key] - 1] if taken[key] <= len(found) else len(items)
+    ordered = sorted(records, key=lambda record: place(record[0]))
+    if ordered == records:
+        return f
+    tmp = path.with_name(f".{path.name}.order-{os.getpid()}")
+    with open(tmp, "wb") as out:
+        out.write(head + b"".join(raw for _, _, raw in ordered))
+        out.flush()
+        os.fsync(out.fileno())
+    new = lock_output(tmp)
+    os.replace(tmp, path)
+    return new
 
 
 def parse_bos(value):
