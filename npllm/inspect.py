@@ -254,6 +254,52 @@ def _percent(share):
     return f"{100 * share:.2f}%" if 0 < share < 0.01 else f"{100 * share:.1f}%"
 
 
+def module_tree(config, weights):
+    """The model as transformers prints it, with shapes, parameter counts and shares."""
+    c, total = config, sum({id(w): w.size for w in weights.values()}.values())
+    tied = weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
+
+    def n(names):
+        return sum(weights[name].size for name in names)
+
+    layer = [k for k in weights if k.startswith("model.layers.0.")]
+    attn = n(k for k in layer if ".self_attn." in k) * c.num_hidden_layers
+    mlp = n(k for k in layer if ".mlp." in k) * c.num_hidden_layers
+    norms = n(k for k in layer if "layernorm" in k) * c.num_hidden_layers + c.hidden_size
+    embed = weights["model.embed_tokens.weight"].size
+    head = 0 if tied else weights["lm_head.weight"].size
+
+    def share(count):
+        return f"{count:>13,}  {_percent(count / total):>6}"
+
+    D, F, V = c.hidden_size, c.intermediate_size, c.vocab_size
+    Hd, Kd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    lines = [
+        f"LlamaForCausalLM  ({total:,} parameters, float32, "
+        f"{c.num_attention_heads} query / {c.num_key_value_heads} key-value heads of width {c.head_dim})",
+        "  (model): LlamaModel",
+        f"    (embed_tokens): Embedding({V}, {D})".ljust(64) + share(embed),
+        f"    (layers): {c.num_hidden_layers} x LlamaDecoderLayer",
+        "      (self_attn): LlamaAttention".ljust(64) + share(attn),
+        f"        (q_proj): Linear({D} -> {Hd})",
+        f"        (k_proj): Linear({D} -> {Kd})",
+        f"        (v_proj): Linear({D} -> {Kd})",
+        f"        (o_proj): Linear({Hd} -> {D})",
+        f"        RoPE(head_dim={c.head_dim}, theta={c.rope_theta:g})",
+        "      (mlp): LlamaMLP".ljust(64) + share(mlp),
+        f"        (gate_proj): Linear({D} -> {F})",
+        f"        (up_proj): Linear({D} -> {F})",
+        f"        (down_proj): Linear({F} -> {D})",
+        "        (act_fn): SiLU",
+        f"      (input_layernorm): RMSNorm({D}, eps={c.rms_norm_eps:g})",
+        f"      (post_attention_layernorm): RMSNorm({D}, eps={c.rms_norm_eps:g})",
+        f"    (norm): RMSNorm({D}, eps={c.rms_norm_eps:g})".ljust(64) + share(norms) + "  (all norms)",
+        f"  (lm_head): Linear({D} -> {V})".ljust(64)
+        + (" tied to embed_tokens (shares its matrix)" if tied else share(head)),
+    ]
+    return "\n".join(lines)
+
+
 def parameter_summary(model):
     """Parameter counts by part and their shares; checked against the formulas of
     :func:`npllm.equations.decoder_parameter_counts` (:func:`parameter_counts`)."""

@@ -51,6 +51,10 @@ def test_parameter_table_of_the_default_model(default_model, hf_gguf_model):
     assert "59.2%" in text and "19.7%" in text and "(tied)" in text
     assert summary.rows[-1] == {"name": "lm_head.weight", "shape": (49152, 576),
                                 "count": 28_311_552, "group": "lm_head", "tied": True}
+    # The tree and the table give the norms the same share, not 0.0% in one (issue 18).
+    share = f"{100 * summary.groups['norms'] / summary.total:.2f}%"
+    assert share in text and f"{summary.groups['norms']:,}   {share}  (all norms)" in repr(
+        default_model)
 
 
 @pytest.mark.real_model
