@@ -111,7 +111,7 @@ class Parallel:
 
     def __init__(self, threads=None, min_part_tokens=MIN_PART_TOKENS):
         self.fixed_threads, self.min_part_tokens = threads, min_part_tokens
-        self._pool = None
+        self._pool, self._pool_size = None, 0
 
     @property
     def threads(self):
@@ -125,10 +125,10 @@ class Parallel:
         return max(1, min(self.threads, T // self.min_part_tokens))
 
     def _workers(self, n):
-        if self._pool is None or self._pool._max_workers < n:
+        if self._pool is None or self._pool_size < n:
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
-            self._pool = ThreadPoolExecutor(n, thread_name_prefix="npllm")
+            self._pool, self._pool_size = ThreadPoolExecutor(n, thread_name_prefix="npllm"), n
         return self._pool
 
     def forward_in_parts(self, run, config, ids, n, cache=None, kept=None, targets=None):
