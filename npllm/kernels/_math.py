@@ -13,8 +13,7 @@ reorders a sum and never replaces a function by an approximation. Two things the
   The result is within 1 ulp of the correctly rounded value (NumPy's own float32 exp is within
   2 ulp); below ``X_MIN`` it is 0 where NumPy gives a subnormal number (under 1.2e-38).
 - a running maximum or sum is a chain of dependent operations, done one at a time.
-  :func:`row_max` keeps ``LANES`` independent running maxima instead, which run as one SIMD
-  instruction; :func:`total` adds in float64 and lets the compiler reorder the additions (see
+  :func:`row_max` keeps eight independent running maxima instead; :func:`total` adds in float64 and lets the compiler reorder the additions (see
   there).
 
 Editing this file: Numba's on-disk cache (``cache=True``) is keyed by each function's own
@@ -39,7 +38,6 @@ P0, P1, P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float3
 P3, P4, P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
 X_MIN = np.float32(-87.33654)  # e^X_MIN is float32's smallest normal number
 X_MAX = np.float32(88.72283)   # e^x overflows to inf above
-LANES = 16  # independent running maxima: one AVX-512 register of float32
 
 
 @intrinsic
@@ -106,22 +104,21 @@ def sum_of_squares(x):
     return result
 
 
-@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
 def row_max(x):
-    """max(x) for a float32 row x [n] (-inf for an empty row), LANES running maxima at a time.
+    """max(x) for a float32 row x [n] (-inf for an empty row), eight running maxima at a time.
 
-    NaN is not propagated as by NumPy; the callers subtract the maximum from every element,
-    so a NaN in the row still makes the whole softmax NaN, as in NumPy.
+    One running maximum is a chain of dependent comparisons, one per element; eight independent
+    ones run side by side. NaN is not propagated as by NumPy; the callers subtract the maximum
+    from every element, so a NaN in the row still makes the whole softmax NaN, as in NumPy.
     """
     n = x.shape[0]
-    top = np.full(LANES, -np.inf, np.float32)
-    full = n - n % LANES
-    for j0 in range(0, full, LANES):
-        for lane in range(LANES):
-            top[lane] = max(top[lane], x[j0 + lane])
-    result = np.float32(-np.inf)
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = np.float32(-np.inf)
+    full = n - n % 8
+    for j in range(0, full, 8):
+        m0, m1, m2, m3 = max(m0, x[j]), max(m1, x[j + 1]), max(m2, x[j + 2]), max(m3, x[j + 3])
+        m4, m5, m6, m7 = max(m4, x[j + 4]), max(m5, x[j + 5]), max(m6, x[j + 6]), max(m7, x[j + 7])
+    result = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
     for j in range(full, n):
         result = max(result, x[j])
-    for lane in range(LANES):
-        result = max(result, top[lane])
     return result
