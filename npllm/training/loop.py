@@ -26,8 +26,8 @@ import numpy as np
 
 from npllm.equations import clip_by_global_norm, warmup_cosine_lr
 from npllm.errors import NpllmError
-from npllm.training.backprop import loss_and_grads
 from npllm.training.optim import AdamW, parameters
+from npllm.engine.training import backprop_engine, trainable_weights
 
 SHIPPED_TEXT = Path(__file__).resolve().parent.parent / "data" / "little_stories.txt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -124,7 +124,7 @@ def batch(ids, batch_size, seq_len, seed, step):
 def train(model=None, text=None, *, scratch=False, out=None, resume=False, steps=200,
           batch_size=8, seq_len=128, lr=None, warmup=None, min_lr_ratio=0.1, weight_decay=0.1,
           betas=(0.9, 0.95), grad_clip=1.0, seed=0, save_every=None, plot=None, progress=True,
-          vocab_size=512, config=None):
+          vocab_size=512, config=None, engine=None):
     r"""Train a model on a text with AdamW; return a :class:`TrainResult`.
 
     model: a ``npllm.Model``, or a name for ``npllm.load`` (None: the default model), fine-tuned;
@@ -142,6 +142,9 @@ def train(model=None, text=None, *, scratch=False, out=None, resume=False, steps
     weight_decay, betas, grad_clip: AdamW's (matrices only) and the global-norm clipping bound.
     plot: a path for the loss curve (PNG, SVG...; needs matplotlib).
     progress: a tqdm bar with the loss and tokens/s.
+    engine: what computes each step's loss and gradients, ``"numba"`` or ``"reference"`` (None:
+      ``$NPLLM_ENGINE``, else ``"numba"``), chosen once (:func:`npllm.training.backprop_engine`);
+      the optimizer's update follows the same choice.
     """
     import npllm
     from npllm.model import Model
@@ -190,11 +193,12 @@ def train(model=None, text=None, *, scratch=False, out=None, resume=False, steps
     settings.seq_len = min(settings.seq_len, len(ids) - 1, model.config.context_length)
 
     # Writable float32 copies (the loaded weights may be read-only maps of the file); a tied
-    # pair stays one array.
-    copies = {id(w): np.array(w, np.float32) for w in parameters(model.weights).values()}
-    weights = {name: copies[id(w)] for name, w in model.weights.items()}
+    # pair stays one array, and each layer's q/k/v and gate/up lie one after another in memory.
+    weights = trainable_weights(model.weights, model.config)
     model = Model(model.config, weights, model.tokenizer, source=model.source, folder=model.folder)
-    opt = AdamW(weights, settings.lr, settings.betas, weight_decay=settings.weight_decay)
+    opt = AdamW(weights, settings.lr, settings.betas, weight_decay=settings.weight_decay,
+                engine=engine)
+    loss_and_grads = backprop_engine(engine)
     if resume:
         opt.load_state_dict(_load_tensors(out / "optimizer.safetensors"))
 

@@ -47,11 +47,12 @@ class SGD:
         self.step_count = int(state["step"])
 
 
-def fused():
+def fused(engine=None):
     """Whether AdamW runs its Numba twin (:mod:`npllm.training.kernels`): on the Numba engine
-    (the default), not with ``NPLLM_ENGINE=reference``. Same numbers either way."""
+    (the default), not with ``NPLLM_ENGINE=reference`` or ``engine="reference"``. Same numbers
+    either way."""
     from npllm.engine import engine_name
-    return engine_name() == "numba"
+    return engine_name(engine) == "numba"
 
 
 class AdamW:
@@ -60,13 +61,14 @@ class AdamW:
     weight and the number of steps taken. The update is :func:`npllm.equations.adamw_step`, or
     its Numba twin (one pass, in place) on the default backend."""
 
-    def __init__(self, weights, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, weights, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 engine=None):
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         params = parameters(weights)
         self.m = {name: np.zeros(w.shape, np.float32) for name, w in params.items()}
         self.v = {name: np.zeros(w.shape, np.float32) for name, w in params.items()}
         self.step_count = 0
-        self.fused = fused()  # chosen once, like a model's engine
+        self.fused = fused(engine)  # chosen once, like a model's engine
 
     def step(self, weights, grads, lr=None):
         """One update of every weight (in place) from ``grads`` (same names)."""
