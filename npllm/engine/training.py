@@ -66,15 +66,15 @@ def trainable_weights(weights, config):
             if id(w) not in copies:
                 copies[id(w)] = np.array(w, np.float32)
             out[name] = copies[id(w)]
-    return out
+    return {name: out[name] for name in weights}  # in the weights' order
 
 
 class Team:
     """``threads`` threads (the caller's included) that run a step's tasks: :meth:`run` calls
     ``fn(i)`` for every task i, each task taken by the next free thread."""
 
-    def __init__(self, threads):
-        self.threads = max(1, int(threads))
+    def __init__(self, threads, min_rows=MIN_ROWS):
+        self.threads, self.min_rows = max(1, int(threads)), max(1, int(min_rows))
         self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="npllm-train") \
             if self.threads > 1 else None
 
@@ -99,11 +99,15 @@ class Team:
             if error is not None:
                 raise error
 
-    def rows(self, fn, N, min_rows=MIN_ROWS):
-        """``fn(a, b)`` over rows [0, N) cut into one range per thread (at least ``min_rows`` each)."""
-        n = max(1, min(self.threads, N // max(min_rows, 1)))
-        bounds = [N * j // n for j in range(n + 1)]
-        self.run(lambda j: fn(bounds[j], bounds[j + 1]), n)
+    def bounds(self, N, min_rows=None):
+        """Rows [0, N) cut into one range per thread, each of at least ``min_rows``."""
+        n = max(1, min(self.threads, N // (min_rows or self.min_rows)))
+        return [N * j // n for j in range(n + 1)]
+
+    def rows(self, fn, N, min_rows=None):
+        """``fn(a, b)`` over the ranges of :meth:`bounds`, one task each."""
+        bounds = self.bounds(N, min_rows)
+        self.run(lambda j: fn(bounds[j], bounds[j + 1]), len(bounds) - 1)
 
     def matmul(self, x, W, out=None):
         """x [N, in] @ W [out, in]^T -> [N, out], the rows of x split between the threads."""
@@ -137,12 +141,13 @@ class TrainingEngine:
     """``loss_and_grads`` fast: called as ``engine(weights, config, input_ids, targets,
     padding_idx=None)`` -> (loss, {HF name: gradient}), the reference's signature and numbers
     (up to float32 rounding). ``threads``: how many (None: the machine's, as BLAS and Numba are
-    configured, :func:`~npllm.engine.threads.machine_threads`)."""
+    configured, :func:`~npllm.engine.threads.machine_threads`); ``min_rows``: the fewest rows
+    a thread gets in a split (:data:`MIN_ROWS`; tests lower it to split tiny inputs)."""
 
     name = "numba"
 
-    def __init__(self, threads=None):
-        self.team = Team(threads or machine_threads())
+    def __init__(self, threads=None, min_rows=MIN_ROWS):
+        self.team = Team(threads or machine_threads(), min_rows)
 
     def __call__(self, weights, config, input_ids, targets, padding_idx=None):
         input_ids, targets = np.atleast_2d(input_ids), np.atleast_2d(targets)
@@ -191,7 +196,7 @@ class TrainingEngine:
         logits = team.matmul(final, weights["lm_head.weight"])  # [N, V]
         log_probs = np.empty(N, np.float32)
         flat = np.ascontiguousarray(targets.reshape(-1), np.int64)
-        team.rows(lambda a, b: KT.cross_entropy_rows(logits, flat, N, log_probs, a, b), N, 8)
+        team.rows(lambda a, b: KT.cross_entropy_rows(logits, flat, N, log_probs, a, b), N, 1)
         saved = SimpleNamespace(layers=layers, x=x, final=final, d_logits=logits, cos=cos,
                                 sin=sin, scale=scale, B=B, T=T)
         return float(-np.mean(log_probs)), saved
@@ -280,9 +285,9 @@ class TrainingEngine:
 
     def rms_norm_backward(self, d_y, x, weight, eps, d_x):
         """d_x += RMSNorm's input gradient (in place), and the gain's gradient."""
-        n = max(1, min(self.team.threads, x.shape[0] // MIN_ROWS))
+        bounds = self.team.bounds(x.shape[0])
+        n = len(bounds) - 1
         partial = np.zeros((n, x.shape[1]), np.float32)
-        bounds = [x.shape[0] * j // n for j in range(n + 1)]
         self.team.run(lambda j: KT.rms_norm_backward_rows(
             d_y, x, weight, eps, d_x, partial[j], bounds[j], bounds[j + 1]), n)
         return d_x, partial.sum(axis=0)

@@ -278,7 +278,11 @@ def _read_text(text):
     if text is None:
         return shipped_text()
     path = Path(text) if isinstance(text, (str, Path)) and len(str(text)) < 4096 else None
-    if path is not None and path.is_file():
+    try:
+        is_file = path is not None and path.is_file()
+    except OSError:  # a text too long to be a file name
+        is_file = False
+    if is_file:
         return path.read_text(encoding="utf-8")
     if isinstance(text, Path) or (isinstance(text, str) and "\n" not in text
                                   and Path(text).suffix in (".txt", ".md", ".text")):
