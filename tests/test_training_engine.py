@@ -117,6 +117,9 @@ def test_mismatched_targets_are_refused():
     m = model("gqa")
     with pytest.raises(ValueError, match="targets must have input_ids' shape"):
         TrainingEngine(1)(m.weights, m.config, np.zeros((1, 4), int), np.zeros((1, 3), int))
+    with pytest.raises(ValueError, match=r"targets must be token ids in \[0, V\)"):
+        TrainingEngine(1)(m.weights, m.config, np.zeros((1, 4), int),
+                          np.full((1, 4), m.config.vocab_size))
 
 
 def test_train_runs_the_same_steps_on_both_engines():
@@ -140,3 +143,24 @@ def test_engine_equals_reference_on_the_default_model(default_model):
     ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (1, 49))
     got = TrainingEngine()(weights, m.config, ids[:, :-1], ids[:, 1:])
     assert_same(got, loss_and_grads(weights, m.config, ids[:, :-1], ids[:, 1:]), 2e-4)
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 500), threads=st.integers(1, 4),
+       min_rows=st.integers(1, 64))
+def test_adamw_twin_shared_between_threads_equals_one_thread(seed, n, threads, min_rows):
+    """The AdamW twin on pieces of a weight, on the engine's threads: every element gets the
+    same float32 operations as in one call, so the results are bit-identical."""
+    from npllm.engine.training import Team
+    from npllm.training.kernels import adamw_step_
+    rng = np.random.default_rng(seed)
+    w, g, m = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    v = np.abs(rng.standard_normal(n)).astype(np.float32)
+    one = [a.copy() for a in (w, m, v)]
+    adamw_step_(one[0], g, one[1], one[2], 3, 1e-3, (0.9, 0.95), 1e-8, 0.1)
+    team = Team(threads)
+    shared = [a.copy() for a in (w, m, v)]
+    adamw_step_(shared[0], g, shared[1], shared[2], 3, 1e-3, (0.9, 0.95), 1e-8, 0.1,
+                split=lambda fn, size: team.rows(fn, size, min_rows))
+    for a, b in zip(shared, one):
+        np.testing.assert_array_equal(a, b)

@@ -154,6 +154,9 @@ class TrainingEngine:
         if input_ids.shape != targets.shape:
             raise ValueError(f"targets must have input_ids' shape {input_ids.shape}, got "
                              f"{targets.shape}")
+        V = config.vocab_size
+        if targets.size and (targets.min() < 0 or targets.max() >= V):  # the kernels index by them
+            raise ValueError(f"targets must be token ids in [0, V) = [0, {V})")
         if self.team.threads == 1:
             return self._step(weights, config, input_ids, targets, padding_idx)
         with blas_on_one_thread():
