@@ -28,7 +28,6 @@ import numpy as np
 from npllm.equations import clip_by_global_norm, warmup_cosine_lr
 from npllm.errors import NpllmError
 from npllm.training.optim import AdamW, parameters
-from npllm.engine.training import backprop_engine, trainable_weights
 
 SHIPPED_TEXT = Path(__file__).resolve().parent.parent / "data" / "little_stories.txt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -148,6 +147,7 @@ def train(model=None, text=None, *, scratch=False, out=None, resume=False, steps
       the optimizer's update follows the same choice.
     """
     import npllm
+    from npllm.engine.training import backprop_engine, trainable_weights
     from npllm.model import Model
     from npllm.tokenizer import Tokenizer
 
