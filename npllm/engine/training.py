@@ -35,8 +35,9 @@ from npllm.engine.threads import blas_on_one_thread, machine_threads
 from npllm.equations import rope_cos_sin, rope_inverse_frequencies
 from npllm.kernels import training as KT
 
-# Fewest rows (tokens) per thread in a product: fewer run on fewer threads (a product of a few
-# rows on one thread is below BLAS's rate; the split's bookkeeping would cost more).
+# Fewest rows (tokens, or a product's output features) per thread in a split: fewer run on
+# fewer threads (a product of a few rows or columns on one thread is below BLAS's rate, and the
+# split's bookkeeping would cost more than it saves).
 MIN_ROWS = 32
 
 
