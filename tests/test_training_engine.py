@@ -165,3 +165,24 @@ def test_adamw_twin_shared_between_threads_equals_one_thread(seed, n, threads, m
                 split=lambda fn, size: team.rows(fn, size, min_rows))
     for a, b in zip(shared, one):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_step_runs_blas_on_one_thread_and_gives_its_threads_back():
+    """The engine's threads each call BLAS on one thread during a step (no BLAS workers left
+    spinning against them), and BLAS's thread count is the caller's again afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+    m = model("gqa")
+    input_ids, targets = batch(3, 1, 9, m.config.vocab_size)
+    engine = TrainingEngine(threads=2, min_rows=2)
+    seen = []
+    original = engine.team.run
+
+    def spy(fn, tasks):  # what BLAS is set to while the team runs its tasks
+        seen.append({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+        return original(fn, tasks)
+    engine.team.run = spy
+    with threadpool_limits(limits=2, user_api="blas"):
+        engine(m.weights, m.config, input_ids, targets)
+        after = {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+    assert seen and all(s == {1} for s in seen)
+    assert after == {2}
