@@ -708,16 +708,16 @@ side, folder, T, repeats, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 if side == "npllm":
     import npllm
-    from npllm.training import AdamW, loss_and_grads
+    from npllm.training import AdamW, backprop_engine, trainable_weights
     from npllm.training.optim import parameters
     model = npllm.load(folder, packed=False)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, T + 1))
-    copies = {id(w): np.array(w, np.float32) for w in parameters(model.weights).values()}
-    weights = {name: copies[id(w)] for name, w in model.weights.items()}
-    n_params = sum(w.size for w in copies.values())
+    weights = trainable_weights(model.weights, model.config)
+    n_params = sum(w.size for w in parameters(weights).values())
     config = model.config
-    del model, copies  # (the file's memory map is released: only the trainable copies stay)
+    del model  # (the file's memory map is released: only the trainable copies stay)
     opt = AdamW(weights, lr=1e-5, weight_decay=0.1)
+    loss_and_grads = backprop_engine()  # the engine NPLLM_ENGINE names (numba by default)
     def step():
         loss, grads = loss_and_grads(weights, config, ids[:, :-1], ids[:, 1:])
         opt.step(weights, grads)

@@ -61,6 +61,10 @@ def add_parser(sub):
     p.add_argument("--save-every", type=int, default=None, metavar="N",
                    help="also checkpoint every N steps")
     p.add_argument("--plot", metavar="FILE", help="draw the loss curve to FILE (PNG, SVG, PDF)")
+    p.add_argument("--engine", default=None, choices=["numba", "reference"],
+                   help="what computes each step's gradients: numba (default, fast, every core) "
+                        "or reference (the readable NumPy backward pass); the same numbers. "
+                        "Also NPLLM_ENGINE")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
@@ -85,7 +89,8 @@ def run(args):
                    steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                    warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
                    weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-                   save_every=args.save_every, plot=args.plot, progress=not args.quiet)
+                   save_every=args.save_every, plot=args.plot, progress=not args.quiet,
+                   engine=args.engine)
     losses = result.losses
     if losses:
         first, last = losses[0], float(np.mean(losses[-min(10, len(losses)):]))

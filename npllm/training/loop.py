@@ -1,8 +1,9 @@
 r"""``npllm.train``: the training loop of lecture 004 ("T predictions and T losses per step").
 
 Each step draws ``batch_size`` windows of ``seq_len + 1`` tokens from the text, computes the mean
-cross-entropy of every next token and its gradient (:func:`npllm.training.loss_and_grads`),
-clips the gradient's global norm, and takes one AdamW step at the scheduled learning rate
+cross-entropy of every next token and its gradient (:func:`npllm.training.loss_and_grads`, or
+the training engine that computes the same numbers faster, chosen once by
+:func:`npllm.training.backprop_engine`), clips the gradient's global norm, and takes one AdamW step at the scheduled learning rate
 (linear warm-up, then cosine decay). Two ways to start:
 
 - from scratch (``scratch=True``): a byte-level BPE tokenizer is trained on the text and a small
@@ -26,7 +27,6 @@ import numpy as np
 
 from npllm.equations import clip_by_global_norm, warmup_cosine_lr
 from npllm.errors import NpllmError
-from npllm.training.backprop import loss_and_grads
 from npllm.training.optim import AdamW, parameters
 
 SHIPPED_TEXT = Path(__file__).resolve().parent.parent / "data" / "little_stories.txt"
@@ -124,7 +124,7 @@ def batch(ids, batch_size, seq_len, seed, step):
 def train(model=None, text=None, *, scratch=False, out=None, resume=False, steps=200,
           batch_size=8, seq_len=128, lr=None, warmup=None, min_lr_ratio=0.1, weight_decay=0.1,
           betas=(0.9, 0.95), grad_clip=1.0, seed=0, save_every=None, plot=None, progress=True,
-          vocab_size=512, config=None):
+          vocab_size=512, config=None, engine=None):
     r"""Train a model on a text with AdamW; return a :class:`TrainResult`.
 
     model: a ``npllm.Model``, or a name for ``npllm.load`` (None: the default model), fine-tuned;
@@ -142,8 +142,12 @@ def train(model=None, text=None, *, scratch=False, out=None, resume=False, steps
     weight_decay, betas, grad_clip: AdamW's (matrices only) and the global-norm clipping bound.
     plot: a path for the loss curve (PNG, SVG...; needs matplotlib).
     progress: a tqdm bar with the loss and tokens/s.
+    engine: what computes each step's loss and gradients, ``"numba"`` or ``"reference"`` (None:
+      ``$NPLLM_ENGINE``, else ``"numba"``), chosen once (:func:`npllm.training.backprop_engine`);
+      the optimizer's update follows the same choice.
     """
     import npllm
+    from npllm.engine.training import backprop_engine, trainable_weights
     from npllm.model import Model
     from npllm.tokenizer import Tokenizer
 
@@ -190,11 +194,12 @@ def train(model=None, text=None, *, scratch=False, out=None, resume=False, steps
     settings.seq_len = min(settings.seq_len, len(ids) - 1, model.config.context_length)
 
     # Writable float32 copies (the loaded weights may be read-only maps of the file); a tied
-    # pair stays one array.
-    copies = {id(w): np.array(w, np.float32) for w in parameters(model.weights).values()}
-    weights = {name: copies[id(w)] for name, w in model.weights.items()}
+    # pair stays one array, and each layer's q/k/v and gate/up lie one after another in memory.
+    weights = trainable_weights(model.weights, model.config)
     model = Model(model.config, weights, model.tokenizer, source=model.source, folder=model.folder)
-    opt = AdamW(weights, settings.lr, settings.betas, weight_decay=settings.weight_decay)
+    opt = AdamW(weights, settings.lr, settings.betas, weight_decay=settings.weight_decay,
+                engine=engine)
+    loss_and_grads = backprop_engine(engine)
     if resume:
         opt.load_state_dict(_load_tensors(out / "optimizer.safetensors"))
 
@@ -274,7 +279,11 @@ def _read_text(text):
     if text is None:
         return shipped_text()
     path = Path(text) if isinstance(text, (str, Path)) and len(str(text)) < 4096 else None
-    if path is not None and path.is_file():
+    try:
+        is_file = path is not None and path.is_file()
+    except OSError:  # a text too long to be a file name
+        is_file = False
+    if is_file:
         return path.read_text(encoding="utf-8")
     if isinstance(text, Path) or (isinstance(text, str) and "\n" not in text
                                   and Path(text).suffix in (".txt", ".md", ".text")):

@@ -47,26 +47,37 @@ class SGD:
         self.step_count = int(state["step"])
 
 
-def fused():
+def fused(engine=None):
     """Whether AdamW runs its Numba twin (:mod:`npllm.training.kernels`): on the Numba engine
-    (the default), not with ``NPLLM_ENGINE=reference``. Same numbers either way."""
+    (the default), not with ``NPLLM_ENGINE=reference`` or ``engine="reference"``. Same numbers
+    either way."""
     from npllm.engine import engine_name
-    return engine_name() == "numba"
+    return engine_name(engine) == "numba"
 
 
 class AdamW:
     """AdamW over a model (``torch.optim.AdamW`` with two parameter groups: matrices with
     ``weight_decay``, norm gains without). The state is the first and second moments m, v per
     weight and the number of steps taken. The update is :func:`npllm.equations.adamw_step`, or
-    its Numba twin (one pass, in place) on the default backend."""
+    its Numba twin (one pass, in place) on the Numba engine (``engine``: a name, or None for
+    ``$NPLLM_ENGINE``), each weight shared between ``threads`` threads (None: the machine's,
+    :func:`~npllm.engine.threads.machine_threads`)."""
 
-    def __init__(self, weights, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, weights, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 engine=None, threads=None):
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         params = parameters(weights)
         self.m = {name: np.zeros(w.shape, np.float32) for name, w in params.items()}
         self.v = {name: np.zeros(w.shape, np.float32) for name, w in params.items()}
         self.step_count = 0
-        self.fused = fused()  # chosen once, like a model's engine
+        self.fused = fused(engine)  # chosen once, like a model's engine
+        self.split = None
+        if self.fused:
+            from npllm.engine.training import Team
+            from npllm.engine.threads import machine_threads
+            team = Team(threads or machine_threads())
+            if team.threads > 1:  # pieces of a weight of at least 2^16 numbers (256 KB)
+                self.split = lambda fn, n: team.rows(fn, n, 1 << 16)
 
     def step(self, weights, grads, lr=None):
         """One update of every weight (in place) from ``grads`` (same names)."""
@@ -74,7 +85,10 @@ class AdamW:
         self.step_count += 1
         step = adamw_step
         if self.fused:
-            from npllm.training.kernels import adamw_step_ as step
+            from functools import partial
+
+            from npllm.training.kernels import adamw_step_
+            step = partial(adamw_step_, split=self.split)
         for name, w in parameters(weights).items():
             decay = self.weight_decay if decays(name, w) else 0.0
             new = step(w, grads[name], self.m[name], self.v[name], self.step_count, lr,
