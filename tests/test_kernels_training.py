@@ -10,7 +10,7 @@ tolerance on the scale of its terms (atol 1e-6 x the largest term).
 """
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from npllm import equations as E
 from npllm.kernels import training as KT

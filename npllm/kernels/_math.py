@@ -13,8 +13,8 @@ reorders a sum and never replaces a function by an approximation. Two things the
   The result is within 1 ulp of the correctly rounded value (NumPy's own float32 exp is within
   2 ulp); below ``X_MIN`` it is 0 where NumPy gives a subnormal number (under 1.2e-38).
 - a running maximum or sum is a chain of dependent operations, done one at a time.
-  :func:`row_max` keeps eight independent running maxima instead; :func:`total` adds in float64 and lets the compiler reorder the additions (see
-  there).
+  :func:`row_max` keeps eight independent running maxima instead; :func:`total` adds in
+  float64 and lets the compiler reorder the additions (see there).
 
 Editing this file: Numba's on-disk cache (``cache=True``) is keyed by each function's own
 file, so the kernels in the other files that call these functions keep their compiled copies

@@ -3,8 +3,8 @@ r"""``npllm.train``: the training loop of lecture 004 ("T predictions and T loss
 Each step draws ``batch_size`` windows of ``seq_len + 1`` tokens from the text, computes the mean
 cross-entropy of every next token and its gradient (:func:`npllm.training.loss_and_grads`, or
 the training engine that computes the same numbers faster, chosen once by
-:func:`npllm.training.backprop_engine`), clips the gradient's global norm, and takes one AdamW step at the scheduled learning rate
-(linear warm-up, then cosine decay). Two ways to start:
+:func:`npllm.training.backprop_engine`), clips the gradient's global norm, and takes one AdamW
+step at the scheduled learning rate (linear warm-up, then cosine decay). Two ways to start:
 
 - from scratch (``scratch=True``): a byte-level BPE tokenizer is trained on the text and a small
   Llama (:func:`scratch_config`) is drawn at random, as transformers initialises one; the loss
