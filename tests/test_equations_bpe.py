@@ -60,7 +60,11 @@ def test_pre_tokenize_equals_smollm_pre_tokenizer(text):
 
 @pytest.fixture(scope="module")
 def smollm_bpe(default_model):
-    backend = default_model.tokenizer.backend
+    # bpe_encode is the BPE model alone. The tokenizer first cuts special-token strings out of a
+    # text as single ids ("<|endoftext|>" is id 0), a step before BPE; the reference is
+    # therefore the tokenizer with that step off (encode_special_tokens: such strings are text).
+    backend = Tokenizer.from_str(default_model.tokenizer.backend.to_str())
+    backend.encode_special_tokens = True
     model = json.loads(backend.to_str())["model"]
     return backend, model["vocab"], [tuple(m) for m in model["merges"]]
 
@@ -74,6 +78,7 @@ smollm_texts = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=12
 @pytest.mark.real_model
 @given(text=smollm_texts)
 @example(text=" running speakers unbelievable 2 + 2 = 4")
+@example(text="<|endoftext|>")  # found by the dev profile: a special token's string, as text
 def test_encode_with_smollm2_merges_equals_its_tokenizer(smollm_bpe, text):
     backend, vocab, merges = smollm_bpe
     assert bpe_encode(text, vocab, merges) == backend.encode(text, add_special_tokens=False).ids
