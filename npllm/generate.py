@@ -70,7 +70,10 @@ class Generation:
     look at ``cache.keys[layer]`` [B, K, capacity, Dh] and ``cache.length``. It holds the keys
     and values of ``cached_ids``: the prompt and every new token but the last, which was never
     fed back. ``reused_tokens`` of the prompt came from the cache of ``cache_from`` (see
-    :func:`generate`) and were not computed again.
+    :func:`generate`) and were not computed again. ``seconds`` is the generation's time,
+    ``first_token_seconds`` the part of it until the first new token (the prompt's forward
+    pass); ``compile_seconds``, before both, the engine's one-time warm-up (Numba compiling its
+    kernels on a model's first generation, :mod:`npllm.engine.warm`), counted in neither.
     """
     text: str
     ids: list
@@ -81,6 +84,7 @@ class Generation:
     cache: object = field(default=None, repr=False)
     seconds: float = 0.0
     first_token_seconds: float = 0.0
+    compile_seconds: float = 0.0
     reused_tokens: int = 0
 
     @property
@@ -388,6 +392,7 @@ def _loop(model, prompt_ids, max_new_tokens, settings, seed, use_cache, stop, ig
                      else (None, 0))
     ids, new_ids, steps = list(prompt_ids), [], [] if record_steps else None
     feed, finish_reason, first_token_seconds = ids[reused:], "length", 0.0
+    compile_seconds = model.engine.warm_up()  # a first run's compilation: not decoding time
     start = time.perf_counter()
     for _ in range(max_new_tokens):
         # With the cache, feed only what the cache has not seen (the prompt, then one token);
@@ -419,7 +424,8 @@ def _loop(model, prompt_ids, max_new_tokens, settings, seed, use_cache, stop, ig
     return Generation(text=tracker.final_text, ids=new_ids, prompt_ids=list(prompt_ids),
                       finish_reason=finish_reason, stop=tracker.matched, steps=steps,
                       cache=cache, seconds=time.perf_counter() - start,
-                      first_token_seconds=first_token_seconds, reused_tokens=reused)
+                      first_token_seconds=first_token_seconds, reused_tokens=reused,
+                      compile_seconds=compile_seconds)
 
 
 def generate(model, prompt, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, *, temperature=None,

@@ -36,7 +36,7 @@ def main():
     reply = npllm.chat(model, question, max_new_tokens=40,
                  stream=lambda piece: print(piece, end="", flush=True))
     from npllm.cli.generate import summary
-    print(f"\n({summary(reply)})")  # the first token's wait holds the one-time compilation
+    print(f"\n({summary(reply)})")
     print("\nNext: `.venv/bin/npllm score --help`, `.venv/bin/npllm chat`, docs/.")
     return 0
 

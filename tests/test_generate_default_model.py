@@ -120,3 +120,60 @@ def test_the_next_chat_turn_from_the_last_ones_cache(default_model, greedy_runs)
     # a decoding step at a time); a softmax probability then moves by at most 2e-4.
     np.testing.assert_allclose([s.prob for s in ours.steps], [s.prob for s in fresh.steps],
                                rtol=0, atol=2e-4)
+
+
+# -- a first generation's compilation is not counted as decoding (issue 18) ---------------------
+
+COMPILED_BY_GENERATION = r"""
+import json, sys
+import numba
+import npllm
+from npllm.generate import generate
+
+def signatures():
+    # Every Numba kernel of npllm loaded so far, with how many compiled versions it holds
+    # (a version compiled or loaded from Numba's on-disk cache counts once).
+    return {f"{name}.{attr}": len(obj.signatures)
+            for name, module in list(sys.modules.items()) if name.startswith("npllm.")
+            for attr, obj in vars(module).items()
+            if isinstance(obj, numba.core.dispatcher.Dispatcher)}
+
+model = npllm.load()
+first = model.engine.warm_up()
+again = model.engine.warm_up()
+before = signatures()
+runs = [generate(model, "Hi", 3, ignore_eos=True),  # one-token prompts start on the decode path
+        generate(model, "The capital of France is", 3, ignore_eos=True),
+        generate(model, "Once upon a time", 3, temperature=0.8, top_p=0.9, seed=1,
+                 ignore_eos=True),
+        generate(model, "No cache", 2, use_cache=False, ignore_eos=True)]
+after = signatures()
+print(json.dumps({"first": first, "again": again, "engine": model.engine.name,
+                  "new": {k: after[k] - before.get(k, 0) for k in after
+                          if after[k] != before.get(k, 0)},
+                  "compile_seconds": [r.compile_seconds for r in runs]}))
+"""
+
+
+@pytest.mark.parametrize("engine", ["numba", "reference"])
+def test_generation_times_decoding_not_compilation(engine):
+    """A fresh process: the engine's warm-up compiles (or loads) every kernel that generation
+    runs, so nothing is compiled while a generation is timed, and the time of the warm-up is
+    reported apart. Without the warm-up, the first generation after installation counted ten
+    seconds of compilation as decoding (``make demo``: "then 0.6 tokens/s")."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "NPLLM_ENGINE": engine, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", COMPILED_BY_GENERATION], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["engine"] == engine
+    assert report["new"] == {}, "kernels compiled while generating, after the warm-up"
+    assert report["again"] == 0.0 and report["compile_seconds"] == [0.0] * 4
+    if engine == "reference":
+        assert report["first"] == 0.0  # nothing to compile
+    else:
+        assert report["first"] > 0.0

@@ -199,10 +199,17 @@ def test_a_text_that_is_only_the_bos_says_so(tiny):
 
 def test_decoding_speed_leaves_out_the_first_tokens_wait():
     from npllm.generate import Generation
+    from npllm.cli.generate import summary
     g = Generation(text="", ids=[5] * 11, prompt_ids=[1], finish_reason="length", seconds=12.0,
-                   first_token_seconds=10.0)  # e.g. Numba compiling on a first run
+                   first_token_seconds=10.0)  # e.g. a long prompt's forward pass
     assert g.decode_tokens_per_second == pytest.approx(10 / 2.0)
     assert g.to_dict()["decode_tokens_per_second"] == pytest.approx(5.0)
+    assert "compiling" not in summary(g)
+    # A first run's compilation is measured before the generation's clock starts (see
+    # tests/test_generate_default_model.py) and said apart.
+    g.compile_seconds = 9.5
+    assert "first token after 10.00 s (before it, 9.5 s compiling the kernels" in summary(g)
+    assert summary(g).endswith("then 5.0 tokens/s")
 
 
 # -- 8. the loaders -------------------------------------------------------------------------------

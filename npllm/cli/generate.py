@@ -135,10 +135,13 @@ def run(args):
 
 def summary(result):
     """``12 tokens, eos, first token after 0.41 s, then 35.2 tokens/s``: the first token's time
-    holds the prompt's forward pass and, on a first run, Numba's one-time compilation; the rate
-    is that of the tokens after it (lecture 002's decoding speed)."""
+    holds the prompt's forward pass; the rate is that of the tokens after it (lecture 002's
+    decoding speed). A first generation's compilation of the kernels, when it took a second or
+    more, is said apart: it is in neither."""
     rate = result.decode_tokens_per_second
     after = f", then {rate:.1f} tokens/s" if rate == rate else ""  # NaN: a single token
+    compiled = (f" (before it, {result.compile_seconds:.1f} s compiling the kernels: once per "
+                f"installation)" if result.compile_seconds >= 1 else "")
     return (f"{len(result.ids)} tokens, {result.finish_reason}, first token after "
-            f"{result.first_token_seconds:.2f} s{after}")
+            f"{result.first_token_seconds:.2f} s{compiled}{after}")
 

@@ -30,6 +30,7 @@ import numpy as np
 from npllm import kernels as K
 from npllm.engine.packed import PackedWeight, Projection, load_packed, matmul
 from npllm.engine.threads import MIN_PART_TOKENS, Parallel, blas_threads
+from npllm.engine.warm import WarmUp
 from npllm.equations import (merge_heads, rope_cos_sin, rope_inverse_frequencies, split_heads,
                              token_log_probs)
 from npllm.model.inputs import positions_and_mask
@@ -92,7 +93,7 @@ class Layer:
         return [g[0][0] for g in groups]
 
 
-class NumbaEngine:
+class NumbaEngine(WarmUp):
     """The forward pass with Numba kernels, fused and packed matrices and threads (see the
     module docstring). ``packed``: ``{name: PackedWeight}`` read when decoding (see
     :func:`~npllm.engine.packed.load_packed`). ``threads``: how many to use (None: the

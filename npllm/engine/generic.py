@@ -22,6 +22,7 @@ import numpy as np
 
 from npllm import kernels as K
 from npllm.engine.threads import Parallel
+from npllm.engine.warm import WarmUp
 from npllm.equations import (gelu_mlp, layer_norm, learned_positions, linear, merge_heads,
                              rope_cos_sin, rope_inverse_frequencies, split_heads)
 from npllm.model.family_config import embedding_name
@@ -69,7 +70,7 @@ def family_layers(config, weights):
     return layers
 
 
-class FamilyEngine:
+class FamilyEngine(WarmUp):
     """The Numba engine of StableLM, Phi-3, Qwen2 and GPT-2 (see the module docstring)."""
 
     name = "numba"

@@ -30,6 +30,10 @@ class ReferenceEngine:
             log_probs = np.where(np.asarray(attention_mask)[:, -inputs.kept:] != 0, log_probs, 0)
         return log_probs.astype(np.float32)
 
+    def warm_up(self):
+        """Nothing to compile: 0 seconds (:class:`npllm.engine.warm.WarmUp`)."""
+        return 0.0
+
     def map(self, fn, items, at_once=None):
         """``[fn(item) for item in items]``."""
         return [fn(item) for item in items]
