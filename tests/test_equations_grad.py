@@ -121,6 +121,7 @@ def test_residual_backward_matches_autograd(seed, T, D):
 
 @given(seed=seeds, lead=st.lists(st.integers(1, 4), min_size=1, max_size=2), D=st.integers(1, 64),
        scale=st.sampled_from([1e-3, 1.0, 1e2]), eps=st.sampled_from([1e-5, 1e-6]))
+@example(seed=874, lead=[4], D=1, scale=0.001, eps=1e-06)
 def test_rms_norm_backward_matches_autograd(seed, lead, D, scale, eps):
     x, w, d_y = draw(seed, (*lead, D), (D,), (*lead, D))
     x = x * np.float32(scale)
@@ -130,7 +131,10 @@ def test_rms_norm_backward_matches_autograd(seed, lead, D, scale, eps):
     # x (always when D = 1): its rounding error is relative to those terms.
     r = 1 / np.sqrt(np.mean(np.float64(x) ** 2, -1, keepdims=True) + eps)
     assert_grad_close(d_x, expected[0], scale=np.max(np.abs(r * d_y * w)))
-    assert_grad_close(d_w, expected[1])
+    # d_w sums d_y x_hat over the positions, which may cancel (the dev profile found 4
+    # positions, D = 1: -2.5e-3 from terms of 1.7).
+    terms = np.abs(d_y * r * x).reshape(-1, D).sum(axis=0)
+    assert_grad_close(d_w, expected[1], scale=terms.max())
 
 
 def rms_norm_torch(x, w, eps):
