@@ -12,15 +12,9 @@ import npllm
 from npllm.engine.packed import stack_adjacent
 from npllm.engine.training import TrainingEngine
 from npllm.training import backprop_engine, loss_and_grads, trainable_weights
+from test_training_grads import CONFIGS  # the same tiny configs as the reference's test
 from tiny_models import tiny_llama
 
-CONFIGS = {
-    "gqa": dict(),  # H=4, K=2
-    "mqa-tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
-    "mha-wide-heads": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=24,
-                           rope_theta=500000.0, rms_norm_eps=1e-5),
-    "mistral-3-layers": dict(model_type="mistral", num_hidden_layers=3),
-}
 _LOADED = {}
 
 

@@ -220,15 +220,11 @@ class TrainingEngine:
         (sequence, head): -> (A [B, H, T, T], heads [N, H Dh])."""
         A = np.empty((B, H, T, T), np.float32)
         heads = np.empty((B * T, H * Dh), np.float32)
-        group = H // K
 
         def head(task):
             b, h = divmod(task, H)
             rows = slice(b * T, (b + 1) * T)
-            g = h // group
-            q = qkv[rows, h * Dh:(h + 1) * Dh]
-            k = qkv[rows, (H + g) * Dh:(H + g + 1) * Dh]
-            v = qkv[rows, (H + K + g) * Dh:(H + K + g + 1) * Dh]
+            q, k, v = head_columns(qkv[rows], h, H, K, Dh)
             np.matmul(q, k.T, out=A[b, h])
             KT.causal_softmax_rows(A[b, h], scale, 0, T)
             heads[rows, h * Dh:(h + 1) * Dh] = A[b, h] @ v
@@ -312,10 +308,7 @@ class TrainingEngine:
         def head(task):
             b, h = divmod(task, H)
             rows = slice(b * T, (b + 1) * T)
-            g = h // group
-            q = qkv[rows, h * Dh:(h + 1) * Dh]
-            k = qkv[rows, (H + g) * Dh:(H + g + 1) * Dh]
-            v = qkv[rows, (H + K + g) * Dh:(H + K + g + 1) * Dh]
+            q, k, v = head_columns(qkv[rows], h, H, K, Dh)
             d_out = d_heads[rows, h * Dh:(h + 1) * Dh]
             pattern = A[b, h]
             np.matmul(pattern.T, d_out, out=d_kv[b, h, 1])
@@ -331,6 +324,14 @@ class TrainingEngine:
                 d_qkv[rows, (H + g) * Dh:(H + g + 1) * Dh] = d_k
                 d_qkv[rows, (H + K + g) * Dh:(H + K + g + 1) * Dh] = d_v
         return d_qkv
+
+
+def head_columns(qkv, h, H, K, Dh):
+    """Query head h's columns of qkv [T, (H + 2K) Dh] and those of its key/value head
+    h // (H / K): (q, k, v), each [T, Dh], views."""
+    g = h // (H // K)
+    return (qkv[:, h * Dh:(h + 1) * Dh], qkv[:, (H + g) * Dh:(H + g + 1) * Dh],
+            qkv[:, (H + K + g) * Dh:(H + K + g + 1) * Dh])
 
 
 def split_rows(block, sizes):
