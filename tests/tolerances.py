@@ -1,0 +1,70 @@
+"""Tolerances at the size of a float32 result's terms.
+
+Float32 rounds a sum relative to the size of its terms, not to the sum: a dot product of terms
+of ~300 that cancel to -0.24 is off by a few ulp of 300, which a fixed ``atol`` or an ``rtol`` of
+the result calls a failure. So the comparisons here allow ``ulps`` units of float32 rounding
+(``U32``) of the terms' size, computed in float64 on absolute values (``|W| @ |x|`` for ``W @ x``),
+plus a small relative tolerance. The worst case for a sum of n terms is gamma_n = n u of the
+terms (Higham, *Accuracy and Stability of Numerical Algorithms*, 3.1); errors are usually a few
+u, so each caller states the ``ulps`` it allows and why.
+"""
+import numpy as np
+
+U32 = 2.0**-24  # float32's unit roundoff: the largest relative error of one rounding
+
+
+def absolute(a):
+    """|a| in float64."""
+    return np.abs(np.asarray(a, dtype=np.float64))
+
+
+def product_terms(a, b):
+    """|a| @ |b| in float64: for each entry of ``a @ b``, the sum of the sizes of its terms."""
+    return absolute(a) @ absolute(b)
+
+
+def within_terms(actual, expected, terms, ulps, rtol=1e-5, atol=0.0):
+    """Entry by entry: is |actual - expected| <= rtol |expected| + ulps U32 terms + atol?"""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    allowed = rtol * np.abs(expected) + ulps * U32 * np.asarray(terms) + atol
+    return np.abs(actual - expected) <= allowed
+
+
+def assert_within_terms(actual, expected, terms, ulps, rtol=1e-5, atol=0.0, err_msg=""):
+    """Fail with the worst entry unless every entry is within ``ulps`` of its terms' size."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape, err_msg)
+    ok = within_terms(actual, expected, terms, ulps, rtol, atol)
+    if not ok.all():
+        terms = np.broadcast_to(np.asarray(terms, np.float64), ok.shape)
+        i = np.unravel_index(np.argmin(ok), ok.shape)
+        raise AssertionError(
+            f"{err_msg} {np.count_nonzero(~ok)} of {ok.size} entries off; at {i}: "
+            f"{actual[i]!r} vs {expected[i]!r}, terms {terms[i]:.4g}, error "
+            f"{abs(float(actual[i]) - float(expected[i])) / (U32 * max(terms[i], 1e-300)):.3g} "
+            f"ulps of the terms (allowed {ulps} + rtol {rtol})")
+
+
+def softmax_terms(d_p, p):
+    """The size of the terms of softmax's backward p (d_p - sum(d_p p)), entry by entry."""
+    return p * (np.abs(d_p) + np.sum(np.abs(d_p) * p, axis=-1, keepdims=True))
+
+
+def attention_terms(q, k, v, mask=None):
+    r"""The sizes of the terms of attention's pattern P = softmax(q k^T / \sqrt{Dh} + mask) and
+    output P v, as (pattern, output), for q [..., T, Dh], k and v [..., S, Dh] (heads repeated).
+
+    Each score s_j is a dot product with terms of size S_j = |q| . |k_j| / \sqrt{Dh}; an error
+    e_j in the scores moves P_j by P_j (e_j - sum_l P_l e_l), so the pattern's error is on the
+    scale of P_j (1 + S_j + sum_l P_l S_l) (the 1 for exp, the sum and the division), and the
+    output's, a sum of P_j v_j, on the scale of that times |v| summed over j."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    scale = q.shape[-1] ** -0.5
+    scores = q @ np.swapaxes(k, -1, -2) * scale
+    if mask is not None:
+        scores = scores + np.asarray(mask, np.float64)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    sizes = np.abs(q) @ np.swapaxes(np.abs(k), -1, -2) * scale
+    pattern = p * (1.0 + sizes + np.sum(p * sizes, axis=-1, keepdims=True))
+    return pattern, pattern @ np.abs(v)
