@@ -8,6 +8,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from conftest import assert_close
+from tolerances import assert_within_terms, product_terms
 from npllm.equations import gelu, silu, swiglu, swiglu_mlp
 
 seeds = st.integers(0, 2**32 - 1)
@@ -64,10 +65,8 @@ def test_swiglu_mlp_matches_llama_mlp(seed, lead, D, F_):
     # each output's rounding is relative to the size of its terms, sum_f |act_f W_df| with
     # |act_f| <= |x W_gate^T|_f |x W_up^T|_f (terms' sizes), not to the output, which may cancel
     # (the dev profile found -0.2421 from terms of ~300, off by 1.1e-4). 16 ulp of the terms.
-    ax = np.abs(x.astype(np.float64))
-    terms = ((ax @ np.abs(w_gate).T) * (ax @ np.abs(w_up).T)) @ np.abs(w_down).T
-    actual = swiglu_mlp(x, w_gate, w_up, w_down)
-    assert np.all(np.abs(actual - expected) <= 1e-5 * np.abs(expected) + 16 * 2.0**-24 * terms)
+    terms = (product_terms(x, w_gate.T) * product_terms(x, w_up.T)) @ np.abs(w_down).T
+    assert_within_terms(swiglu_mlp(x, w_gate, w_up, w_down), expected, terms, ulps=16, rtol=1e-5)
 
 
 def test_mlp_errors_name_the_argument():

@@ -45,11 +45,6 @@ def assert_within_terms(actual, expected, terms, ulps, rtol=1e-5, atol=0.0, err_
             f"ulps of the terms (allowed {ulps} + rtol {rtol})")
 
 
-def softmax_terms(d_p, p):
-    """The size of the terms of softmax's backward p (d_p - sum(d_p p)), entry by entry."""
-    return p * (np.abs(d_p) + np.sum(np.abs(d_p) * p, axis=-1, keepdims=True))
-
-
 def attention_terms(q, k, v, mask=None):
     r"""The sizes of the terms of attention's pattern P = softmax(q k^T / \sqrt{Dh} + mask) and
     output P v, as (pattern, output), for q [..., T, Dh], k and v [..., S, Dh] (heads repeated).
