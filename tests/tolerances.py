@@ -45,6 +45,16 @@ def assert_within_terms(actual, expected, terms, ulps, rtol=1e-5, atol=0.0, err_
             f"ulps of the terms (allowed {ulps} + rtol {rtol})")
 
 
+def silu_derivative_terms(d_y, x):
+    r"""The size of the terms of :math:`\bar y\,\sigma(x)\,(1 + x(1 - \sigma(x)))` (SiLU's
+    backward), entry by entry: the scale of its float32 rounding. SiLU' crosses zero at
+    x = -1.278..., where 1 and x (1 - sigma) cancel: there the gradient is far smaller than its
+    terms, and its rounding is relative to the terms, not to the result."""
+    x = np.asarray(x, np.float64)
+    sigma = 1.0 / (1.0 + np.exp(-x))
+    return np.abs(d_y) * sigma * (1.0 + np.abs(x) * (1.0 - sigma))
+
+
 def attention_terms(q, k, v, mask=None):
     r"""The sizes of the terms of attention's pattern P = softmax(q k^T / \sqrt{Dh} + mask) and
     output P v, as (pattern, output), for q [..., T, Dh], k and v [..., S, Dh] (heads repeated).
