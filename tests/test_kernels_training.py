@@ -38,6 +38,7 @@ def test_rms_norm_rows_equals_rms_norm(seed, N, D, cut):
     x, w = rand(seed, N, D, scale=3.0), rand(seed + 1, D)
     out = np.empty_like(x)
     in_two(N, cut, lambda a, b: KT.rms_norm_rows(x, w, np.float32(1e-6), out, a, b))
+    # A sum of squares (nothing cancels) then products: relative errors, rtol.
     np.testing.assert_allclose(out, E.rms_norm(x, w, 1e-6), rtol=RTOL, atol=1e-6)
 
 
@@ -46,6 +47,7 @@ def test_swiglu_rows_equals_swiglu(seed, N, F, cut):
     gate_up = rand(seed, N, 2 * F, scale=4.0)
     out = np.empty((N, F), np.float32)
     in_two(N, cut, lambda a, b: KT.swiglu_rows(gate_up, out, a, b))
+    # Products, no sum: relative errors only (atol for SiLU's underflow to 0 below g = -88).
     np.testing.assert_allclose(out, E.swiglu(gate_up[:, :F], gate_up[:, F:]), rtol=RTOL, atol=1e-6)
 
 
@@ -76,6 +78,8 @@ def test_causal_softmax_rows_equals_attention_pattern(seed, T, Dh, cut, scale):
     scores = q @ k.T
     in_two(T, cut, lambda a, b: KT.causal_softmax_rows(scores, np.float32(Dh ** -0.5), a, b))
     expected = E.attention_pattern(q, k, E.causal_mask(T))
+    # Both take the same float32 q k^T and scale it alike: only the exp and the row sum of
+    # positive terms differ, relative errors of each probability (a cancelling score is shared).
     np.testing.assert_allclose(scores, expected, rtol=RTOL, atol=1e-7)
 
 
