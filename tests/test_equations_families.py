@@ -47,8 +47,9 @@ def test_gelu_mlp_matches_gpt2_mlp(seed, D, Fw, approximate):
     config = GPT2Config(n_embd=D, activation_function="gelu_new" if approximate == "tanh"
                         else "gelu")
     mlp = GPT2MLP(Fw, config).eval()
-    for p in mlp.parameters():
-        torch.nn.init.normal_(p, std=0.5)
+    with torch.no_grad():  # from the drawn seed, not torch's global generator (reproducible)
+        for i, p in enumerate(mlp.parameters()):
+            p.copy_(torch.from_numpy(data(seed + 1 + i, tuple(p.shape), 0.5)))
     x = data(seed, (2, 5, D))
     # GPT-2's Conv1D keeps [in, out]: gelu_mlp takes nn.Linear's [out, in], the transpose.
     w = {n: p.detach().numpy() for n, p in mlp.named_parameters()}
