@@ -21,7 +21,7 @@ from npllm.equations import (apply_rope, apply_rope_backward, attention_pattern,
                              repeat_kv, repeat_kv_backward, residual_backward, rms_norm_backward,
                              rope_cos_sin, rope_inverse_frequencies, rotate_half, silu,
                              silu_backward, softmax, softmax_backward, swiglu_backward)
-from tolerances import silu_derivative_terms
+from tolerances import U32, assert_within_terms, silu_derivative_terms
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -56,8 +56,7 @@ def assert_grad_close(actual, expected, tol=1e-5, scale=None):
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     if scale is None:
         scale = np.max(np.abs(expected), initial=0.0)
-    scale = max(scale, 1e-30)
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
+    assert_within_terms(actual, expected, max(scale, 1e-30), ulps=tol / U32, rtol=tol)
 
 
 # ---- cross-entropy through log-softmax and the LM head ----------------------------------------
