@@ -22,9 +22,10 @@ def test_linear_matches_torch(seed, n_in, n_out, bias):
     expected = F.linear(torch.from_numpy(x).double(), torch.from_numpy(w).double(),
                         torch.from_numpy(b).double() if bias else None).numpy()
     # A float32 sum of n_in products (+ b) may cancel: its error is at most gamma_{n_in + 1} of
-    # the terms |x| |w|^T + |b| in any order (Higham 3.1), not relative to the output.
+    # the terms |x| |w|^T + |b| in any order (Higham 3.1), not relative to the output; gamma_n =
+    # n u / (1 - n u) < (n + 1) u. (Measured: up to 0.8 of n u, for n_in = 1: one rounding.)
     terms = product_terms(x, w.T) + (absolute(b) if bias else 0.0)
-    assert_within_terms(linear(x, w, b if bias else None), expected, terms, ulps=n_in + 1, rtol=0)
+    assert_within_terms(linear(x, w, b if bias else None), expected, terms, ulps=n_in + 2, rtol=0)
 
 
 @given(seed=st.integers(0, 2**32 - 1), D=st.integers(2, 48))

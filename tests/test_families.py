@@ -197,10 +197,10 @@ def test_conv1d_to_linear_turns_gpt2_matrices():
                                name + "bias": conv.bias.detach().numpy()})
     with torch.no_grad():
         want = conv.double()(torch.from_numpy(x).double()).numpy()
-    # Sums of 5 products and a bias, which may cancel: gamma_6 of the terms (Higham 3.1).
+    # Sums of 5 products and a bias, which may cancel: gamma_6 < 7 u of the terms (Higham 3.1).
     terms = product_terms(x, turned[name + "weight"].T) + absolute(turned[name + "bias"])
     assert_within_terms(linear(x, turned[name + "weight"], turned[name + "bias"]), want, terms,
-                        ulps=6, rtol=0)
+                        ulps=7, rtol=0)
 
 
 def test_build_model_is_the_family():
