@@ -31,6 +31,8 @@ from npllm.model import Model
 from npllm.model.config import LlamaConfig
 from npllm.trace import Trace
 
+# Absolute, and not at risk where a logit cancels: the tiny models' logits are sums of terms of
+# order 1 (weights of std 1/sqrt(fan_in), normed inputs), so 1e-4 is ~100s of ulps of any term.
 TOL = dict(atol=1e-4, rtol=0)
 
 

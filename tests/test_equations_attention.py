@@ -10,6 +10,7 @@ from hypothesis import given, strategies as st
 from transformers.models.llama.modeling_llama import eager_attention_forward, repeat_kv as hf_repeat_kv
 
 from conftest import assert_close
+from tolerances import assert_within_terms, attention_terms, within_terms
 from npllm.equations import (attention_pattern, causal_mask, decode_attention, grouped_query_attention,
                              merge_heads, repeat_kv, scaled_dot_product_attention, split_heads)
 
@@ -20,6 +21,15 @@ lengths = st.integers(1, 12)
 # Scores are dot products over Dh <= 64 of O(1) numbers, softmax-weighted sums of O(1) values:
 # a handful of float32 roundings in orders that differ between BLAS libraries.
 ATTN_TOL = dict(rtol=1e-4, atol=1e-5)
+# Against float64 torch, at the size of the terms (tolerances.attention_terms): a score's error is
+# relative to |q|.|k|, not to the score, and an output, a sum of P_j v_j, may cancel. Measured:
+# at most 4.5 ulps of the terms over 3,000 draws of these tests' inputs; 16 allowed. Below 1e-30
+# a probability is a float32 subnormal and has no relative precision left.
+ATTN_ULPS = dict(ulps=16, rtol=0.0, atol=1e-30)
+
+
+def t64(x):
+    return t(x).double()
 
 
 def randn(seed, shape, scale=1.0):
@@ -55,25 +65,43 @@ def test_attention_pattern_matches_torch_softmax(seed, lead, T, extra, Dh, scale
     S = T + extra
     q, k = randn(seed, (*lead, T, Dh), scale), randn(seed + 1, (*lead, S, Dh), scale)
     mask = causal_mask(T, S)
-    expected = torch.softmax(t(q) @ t(k).transpose(-1, -2) * Dh ** -0.5 + t(mask), dim=-1)
-    # Scores up to ~100 * sqrt(Dh) at scale 10: relative error of the score ~1e-6 becomes an
-    # absolute error in the exponent, so the probabilities agree to ~1e-4 relative.
-    assert_close(attention_pattern(q, k, mask), expected.numpy(), **ATTN_TOL)
+    expected = torch.softmax(t64(q) @ t64(k).transpose(-1, -2) * Dh ** -0.5 + t64(mask), dim=-1)
+    # Scores up to ~100 * sqrt(Dh) at scale 10: a score's absolute error, a few ulp of its terms
+    # |q|.|k|, is a relative error of the probabilities: the bound scales with those terms.
+    pattern, _ = attention_terms(q, k, v=k, mask=mask)
+    assert_within_terms(attention_pattern(q, k, mask), expected.numpy(), pattern, **ATTN_ULPS)
+
+
+def test_attention_bound_rejects_a_wrong_scale():
+    """Negative control: the bound above tells 1/sqrt(Dh) from 1/Dh, and a wrong mask."""
+    q, k, v = randn(0, (2, 5, 16)), randn(1, (2, 7, 16)), randn(2, (2, 7, 16))
+    mask = causal_mask(5, 7)
+    pattern, output = attention_terms(q, k, v, mask)
+    exact = torch.softmax(t64(q) @ t64(k).transpose(-1, -2) * 16 ** -0.5 + t64(mask), -1).numpy()
+    wrong = attention_pattern(q * np.float32(16 ** -0.5), k, mask)  # scaled twice: 1/Dh
+    assert within_terms(attention_pattern(q, k, mask), exact, pattern, **ATTN_ULPS).all()
+    assert within_terms(wrong, exact, pattern, ulps=1000 * ATTN_ULPS["ulps"], rtol=0).mean() < 0.5
+    ahead = scaled_dot_product_attention(q, k, v, causal_mask(5, 7)[::-1])
+    assert within_terms(ahead, exact @ v, output, ulps=1000 * ATTN_ULPS["ulps"], rtol=0).mean() < 0.5
 
 
 @given(seed=seeds, B=st.integers(1, 2), H=st.integers(1, 3), T=lengths, Dh=head_dims)
 def test_sdpa_matches_torch_is_causal(seed, B, H, T, Dh):
     q, k, v = (randn(seed + i, (B, H, T, Dh)) for i in range(3))
-    expected = F.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=True)
-    assert_close(scaled_dot_product_attention(q, k, v, causal_mask(T)), expected.numpy(), **ATTN_TOL)
+    expected = F.scaled_dot_product_attention(t64(q), t64(k), t64(v), is_causal=True)
+    _, output = attention_terms(q, k, v, causal_mask(T))  # a sum of P_j v_j may cancel
+    assert_within_terms(scaled_dot_product_attention(q, k, v, causal_mask(T)), expected.numpy(),
+                        output, **ATTN_ULPS)
 
 
 @given(seed=seeds, H=st.integers(1, 3), T=lengths, extra=st.integers(1, 6), Dh=head_dims)
 def test_sdpa_with_cached_keys_matches_torch_bottom_right_mask(seed, H, T, extra, Dh):
     S = T + extra
     q, k, v = randn(seed, (H, T, Dh)), randn(seed + 1, (H, S, Dh)), randn(seed + 2, (H, S, Dh))
-    expected = F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=bottom_right_causal(T, S))
-    assert_close(scaled_dot_product_attention(q, k, v, causal_mask(T, S)), expected.numpy(), **ATTN_TOL)
+    expected = F.scaled_dot_product_attention(t64(q), t64(k), t64(v), attn_mask=bottom_right_causal(T, S))
+    _, output = attention_terms(q, k, v, causal_mask(T, S))  # a sum of P_j v_j may cancel
+    assert_within_terms(scaled_dot_product_attention(q, k, v, causal_mask(T, S)), expected.numpy(),
+                        output, **ATTN_ULPS)
 
 
 def test_fully_masked_row_gives_no_nan():
@@ -114,8 +142,10 @@ def test_repeat_kv_equals_hf(seed, B, K, n_rep, S, Dh):
 def test_gqa_matches_torch_enable_gqa(seed, B, K, ratio, T, Dh):
     H = K * ratio
     q, k, v = randn(seed, (B, H, T, Dh)), randn(seed + 1, (B, K, T, Dh)), randn(seed + 2, (B, K, T, Dh))
-    expected = F.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=True, enable_gqa=True)
-    assert_close(grouped_query_attention(q, k, v, causal_mask(T)), expected.numpy(), **ATTN_TOL)
+    expected = F.scaled_dot_product_attention(t64(q), t64(k), t64(v), is_causal=True, enable_gqa=True)
+    _, output = attention_terms(q, repeat_kv(k, ratio), repeat_kv(v, ratio), causal_mask(T))
+    assert_within_terms(grouped_query_attention(q, k, v, causal_mask(T)), expected.numpy(), output,
+                        **ATTN_ULPS)  # a sum of P_j v_j may cancel
 
 
 @given(seed=seeds, K=st.integers(1, 3), ratio=ratios, T=lengths, extra=st.integers(0, 4), Dh=head_dims)
@@ -124,10 +154,14 @@ def test_gqa_matches_hf_eager_attention(seed, K, ratio, T, extra, Dh):
     q, k, v = randn(seed, (1, H, T, Dh)), randn(seed + 1, (1, K, S, Dh)), randn(seed + 2, (1, K, S, Dh))
     mask = causal_mask(T, S)
     module = SimpleNamespace(num_key_value_groups=ratio, training=False)
-    hf_out, hf_weights = eager_attention_forward(module, t(q), t(k), t(v), t(mask)[None, None],
+    hf_out, hf_weights = eager_attention_forward(module, t64(q), t64(k), t64(v), t64(mask)[None, None],
                                                  scaling=Dh ** -0.5)
-    assert_close(grouped_query_attention(q, k, v, mask), hf_out.transpose(1, 2).numpy(), **ATTN_TOL)
-    assert_close(attention_pattern(q, repeat_kv(k, ratio), mask), hf_weights.numpy(), **ATTN_TOL)
+    # Scores' errors are relative to |q|.|k|, and outputs (sums of P_j v_j) may cancel.
+    pattern, output = attention_terms(q, repeat_kv(k, ratio), repeat_kv(v, ratio), mask)
+    assert_within_terms(grouped_query_attention(q, k, v, mask), hf_out.transpose(1, 2).numpy(),
+                        output, **ATTN_ULPS)
+    assert_within_terms(attention_pattern(q, repeat_kv(k, ratio), mask), hf_weights.numpy(), pattern,
+                        **ATTN_ULPS)
 
 
 @given(seed=seeds, K=st.integers(1, 3), ratio=ratios, S=st.integers(1, 12), spare=st.integers(0, 4),
@@ -140,10 +174,14 @@ def test_decode_attention_equals_last_row_of_full_causal_attention(seed, K, rati
     # Slots past `length` hold garbage in a real cache: they must not be read.
     k_cache[:, S:], v_cache[:, S:] = np.nan, np.nan
     step = decode_attention(q[:, -1:], k_cache, v_cache, S)
-    assert_close(step, full[:, -1:], rtol=1e-5, atol=1e-6)
-    expected = F.scaled_dot_product_attention(t(q[:, -1:]), t(k_cache[:, :S]), t(v_cache[:, :S]),
+    expected = F.scaled_dot_product_attention(t64(q[:, -1:]), t64(k_cache[:, :S]), t64(v_cache[:, :S]),
                                               enable_gqa=True)
-    assert_close(step, expected.numpy(), **ATTN_TOL)
+    # Sums of P_j v_j that may cancel: each float32 result within ATTN_ULPS of its terms from the
+    # float64 one, so the two float32 ones within twice that of each other.
+    _, output = attention_terms(q[:, -1:], repeat_kv(k_cache[:, :S], ratio),
+                                repeat_kv(v_cache[:, :S], ratio))
+    assert_within_terms(step, expected.numpy(), output, **ATTN_ULPS)
+    assert_within_terms(step, full[:, -1:], output, **{**ATTN_ULPS, "ulps": 2 * ATTN_ULPS["ulps"]})
 
 
 @given(seed=seeds, lead=st.lists(st.integers(1, 3), max_size=2), T=lengths, n=st.integers(1, 9),

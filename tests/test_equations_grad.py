@@ -21,6 +21,7 @@ from npllm.equations import (apply_rope, apply_rope_backward, attention_pattern,
                              repeat_kv, repeat_kv_backward, residual_backward, rms_norm_backward,
                              rope_cos_sin, rope_inverse_frequencies, rotate_half, silu,
                              silu_backward, softmax, softmax_backward, swiglu_backward)
+from tolerances import U32, assert_within_terms, silu_derivative_terms
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -55,8 +56,7 @@ def assert_grad_close(actual, expected, tol=1e-5, scale=None):
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     if scale is None:
         scale = np.max(np.abs(expected), initial=0.0)
-    scale = max(scale, 1e-30)
-    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
+    assert_within_terms(actual, expected, max(scale, 1e-30), ulps=tol / U32, rtol=tol)
 
 
 # ---- cross-entropy through log-softmax and the LM head ----------------------------------------
@@ -171,14 +171,10 @@ def test_silu_backward_matches_autograd(seed, n, scale):
 
 
 def silu_terms(d_y, x):
-    r"""The size of the terms of :math:`\bar y\,\sigma(x)\,(1 + x(1 - \sigma(x)))`: the scale of
-    its float32 rounding. SiLU' crosses zero at x = -1.278..., where 1 and x (1 - sigma) cancel:
-    there the gradient is far smaller than its terms, and its float32 rounding is relative to
-    the terms, not to the result (the dev profile found x = -1.27975, a gradient of 1.5e-4 from
-    terms of 0.12)."""
-    x = np.asarray(x, np.float64)
-    sigma = 1.0 / (1.0 + np.exp(-x))
-    return np.max(np.abs(d_y) * sigma * (1.0 + np.abs(x) * (1.0 - sigma)), initial=0.0)
+    """The largest of :func:`tolerances.silu_derivative_terms`: the scale of the gradient's
+    float32 rounding (the dev profile found x = -1.27975, a gradient of 1.5e-4 from terms of
+    0.12)."""
+    return np.max(silu_derivative_terms(d_y, x), initial=0.0)
 
 
 @given(seed=seeds, T=st.integers(1, 8), Fw=st.integers(1, 32))

@@ -8,6 +8,7 @@ from hypothesis import example, given, strategies as st
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from conftest import assert_close
+from tolerances import layer_norm_rounding
 from npllm.equations import layer_norm, rms_norm
 
 leading = st.lists(st.integers(1, 4), min_size=0, max_size=2)
@@ -73,21 +74,6 @@ def test_layer_norm_matches_torch(seed, lead, D, scale, eps):
     actual = layer_norm(x, w, b, eps)
     assert actual.dtype == np.float32
     assert np.all(np.abs(actual - exact) <= layer_norm_rounding(x, w, b, eps, exact))
-
-
-def layer_norm_rounding(x, w, b, eps, y):
-    """How far a float32 LayerNorm may be from the exact one, per row. The mean is a float32
-    sum of D <= 64 values, off by a few ulp of the largest |x| (pairwise summation: at most
-    log2(D) + 1 = 7); x - mean carries that error, which the division by sigma and the
-    multiplication by w scale by max|x| / sigma * max|w|; the last multiply-add rounds at the
-    size of the output and of b. 8 ulp of that sum: torch's own float32 layer_norm errs by up
-    to 2 (and npllm's by 2.3) over 3,000 random draws of this test's inputs, a missing
-    Bessel correction or a misplaced eps by thousands."""
-    x = x.astype(np.float64)
-    sigma = np.sqrt(x.var(axis=-1, keepdims=True) + eps)
-    size = (np.abs(x).max(axis=-1, keepdims=True) / sigma * np.abs(w).max()
-            + np.abs(y).max(axis=-1, keepdims=True) + np.abs(b).max())
-    return 8 * 2.0**-24 * size
 
 
 def test_layer_norm_bound_rejects_the_unbiased_variance():

@@ -45,10 +45,16 @@ def test_adamw_step_equals_torch_for_20_steps(seed, shape, lr, beta2, eps, weigh
     w0 = np.random.default_rng(seed + 1).standard_normal(shape).astype(np.float32)
     grads = gradients(seed, shape, 20)
     w, m, v = w0, np.zeros_like(w0), np.zeros_like(w0)
+    size = np.abs(w0.astype(np.float64))
     for t, g in enumerate(grads, start=1):
         w, m, v = adamw_step(w, g, m, v, t, lr, (0.9, beta2), eps, weight_decay)
+        size = np.maximum(size, np.abs(w))
     expected = torch_adamw(w0, grads, lr, (0.9, beta2), eps, weight_decay)
-    np.testing.assert_allclose(w, expected, **ADAM_TOL)
+    # A weight may cross zero in 20 steps: each step's ulp-level difference is relative to the
+    # weight then, w_t (1 - lr wd) - lr m / (sqrt(v) + eps), not to the final one; so rtol of
+    # the largest |w_t| (measured over 1,500 draws: differences up to 0.36 of this bound, and
+    # 0.50 of the old one relative to the final weight).
+    np.testing.assert_array_less(np.abs(w - expected), ADAM_TOL["rtol"] * size + ADAM_TOL["atol"])
 
 
 def test_adam_with_coupled_weight_decay_is_not_adamw():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from hypothesis import example, given, strategies as st
 
 from conftest import assert_close
+from tolerances import assert_within_terms, product_terms
 from npllm.equations import lm_head, log_softmax, softmax
 
 seeds = st.integers(0, 2**32 - 1)
@@ -73,11 +74,18 @@ def test_lm_head_matches_linear_and_softmax(seed, lead, D, V):
     rng = np.random.default_rng(seed)
     c = rng.standard_normal((*lead, D)).astype(np.float32)
     W = rng.standard_normal((V, D)).astype(np.float32)
-    expected = F.linear(torch.from_numpy(c), torch.from_numpy(W))
-    # A dot product over D <= 48 terms of O(1) numbers, summed in different orders by the two
-    # BLAS libraries: errors ~ sqrt(D) ulp of the terms' magnitude, so absolute 1e-5.
-    assert_close(lm_head(c, W), expected.numpy(), rtol=1e-5, atol=1e-5)
-    assert_close(softmax(lm_head(c, W)), torch.softmax(expected, -1).numpy(), rtol=1e-4, atol=1e-6)
+    expected = F.linear(torch.from_numpy(c).double(), torch.from_numpy(W).double())
+    # A dot product over D <= 48 terms of O(1) numbers, which may cancel: at most gamma_D of
+    # the terms |c| |W|^T in any order (Higham 3.1), not of the logit; gamma_D < (D + 1) u.
+    # (Measured: up to 0.99 of D u, for D = 1: one rounding.)
+    terms = product_terms(c, W.T)
+    assert_within_terms(lm_head(c, W), expected.numpy(), terms, ulps=D + 1, rtol=0)
+    # A logit's absolute error e_v (<= D ulps of its terms) moves p_v by p_v (e_v - sum p e):
+    # relative errors of the probabilities, on top of softmax's own few ulp (8 allowed).
+    probs = torch.softmax(expected, -1).numpy()
+    spread = terms + terms.max(axis=-1, keepdims=True)
+    assert_within_terms(softmax(lm_head(c, W)), probs, probs * (D * spread + 8), ulps=1, rtol=0,
+                        atol=1e-30)  # below 1e-30 a float32 probability is subnormal
 
 
 def test_lecture_formula_without_exp_is_not_the_distribution():

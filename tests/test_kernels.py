@@ -14,6 +14,7 @@ from hypothesis import example, given, strategies as st
 import npllm.equations as E
 import npllm.kernels as K
 from conftest import assert_close
+from tolerances import assert_within_terms, product_terms
 from npllm.kernels import attention as kernel_attention
 
 MASKED = np.finfo(np.float32).min
@@ -368,9 +369,8 @@ def test_lm_head_log_probs_equals_the_composition(seed, lead, T, V, columns, sca
     # into blocks: it may differ by a few ulp of the size of its terms, sum |c_d W_vd|, and log P
     # subtracts two logits (the target's and the largest). The dev profile found logits of 174
     # (scale 30) giving log P = -1.00573 against -1.00575: 1.9 ulp of 174.
-    terms = (np.abs(c) @ np.abs(W).T).max(axis=-1)
-    atol = 4e-6 * max(1.0, np.log(V)) + 16 * 2.0**-24 * terms
-    assert np.all(np.abs(actual - expected) <= 1e-5 * np.abs(expected) + atol)
+    terms = product_terms(c, W.T).max(axis=-1)
+    assert_within_terms(actual, expected, terms, ulps=16, rtol=1e-5, atol=4e-6 * max(1.0, np.log(V)))
 
 
 def test_lm_head_log_probs_rejects_bad_targets():

@@ -72,10 +72,19 @@ def test_token_log_probs_equal_torch_cross_entropy(request, which, text):
     assert s.context_lengths == list(range(1, len(seq)))
     targets = torch.tensor(seq[1:])
     target_logits = logits[:-1].gather(1, targets[:, None])
-    assert s.ranks == ((logits[:-1] > target_logits).sum(1) + 1).tolist()
+    # A rank counts logits above the target's: one within the logits' tolerance (1e-4, as the
+    # log-probs) of the target's may fall either side in two float32 forward passes, so the
+    # rank lies between the count of those surely above and of those possibly above.
+    surely = ((logits[:-1] > target_logits + 1e-4).sum(1) + 1).numpy()
+    possibly = ((logits[:-1] >= target_logits - 1e-4).sum(1)).numpy()  # the target included
+    ranks = np.array(s.ranks)
+    assert np.all((surely <= ranks) & (ranks <= possibly)), (ranks, surely, possibly)
     entropy = torch.distributions.Categorical(logits=logits[:-1]).entropy().numpy()
     np.testing.assert_allclose(s.entropies, entropy, atol=1e-4, rtol=0)
-    assert s.is_greedy == (logits[:-1].argmax(-1) == targets).tolist()
+    # Greedy (the target is the argmax): sure when nothing is possibly above, ruled out when
+    # something is surely above.
+    greedy = np.array(s.is_greedy)
+    assert np.all(greedy <= (surely == 1)) and np.all(greedy >= (possibly == 1))
 
 
 def test_base_2_gives_bits_and_the_same_perplexity(tiny):
