@@ -26,8 +26,8 @@ from npllm.kernels import decode as DK
 from npllm.kernels.quantized import BLOCK_BYTES, KINDS
 from npllm.model import Model
 from test_quantized import decode, reference, tiny_packed, with_packed  # noqa: F401 (a fixture)
+from tolerances import U32 as U  # float32's unit roundoff, 2^-24
 
-U = np.finfo(np.float32).eps / 2  # float32 unit roundoff
 
 
 def model_like_blocks(rng, ggml_type, N, D):

@@ -14,11 +14,10 @@ from hypothesis import example, given, strategies as st
 import npllm.equations as E
 import npllm.kernels as K
 from conftest import assert_close
-from tolerances import assert_within_terms, product_terms
+from tolerances import U32 as U, assert_within_terms, product_terms  # U: float32's unit roundoff
 from npllm.kernels import attention as kernel_attention
 
 MASKED = np.finfo(np.float32).min
-U = np.finfo(np.float32).eps / 2  # float32 unit roundoff, 2^-24
 
 seeds = st.integers(0, 2**32 - 1)
 leads = st.lists(st.integers(1, 3), max_size=2)  # leading axes: none, [B], [B, B']

@@ -39,8 +39,8 @@ from npllm.model import Model
 from npllm.model.weights import PACKED_FILE, read_safetensors_header
 from test_gguf import write_tiny_gguf
 from tiny_models import make_tiny_llama
+from tolerances import U32 as U  # float32's unit roundoff, 2^-24
 
-U = np.finfo(np.float32).eps / 2  # float32 unit roundoff, 2^-24
 TYPES = ("Q4_1", "Q8_0")
 seeds = st.integers(0, 2**32 - 1)
 
