@@ -316,6 +316,19 @@ def test_a_long_text_reports_progress_window_by_window(tiny):
     assert sum(calls) == pytest.approx(3.0)  # every item, the error too, counts once
 
 
+def test_progress_after_a_resume_counts_only_what_is_left(tiny):
+    """Found by the dev runs (test_kill_half_way_then_resume...): a run resumed inside a chunk
+    computes the chunk's done items again, and its progress counted them, so the bar passed
+    its total (608 of 601 texts) and never showed 100%."""
+    from npllm.score import iter_scores
+    items = [f"text number {i}" for i in range(12)]
+    skip = {0, 1, 2, 3, 4}  # the first chunk (SORT_BATCHES * batch_size items) only in part
+    calls = []
+    results = list(iter_scores(tiny, items, batch_size=2, skip=skip, on_progress=calls.append))
+    assert [i for i, _ in results] == list(range(5, 12))
+    assert sum(calls) == pytest.approx(7.0)
+
+
 def test_a_gguf_whose_metadata_contradicts_its_tensors_is_refused(tmp_path):
     """Found by the fuzz tests: a flipped bit made block_count 9,437,186 while the file held 2
     layers; the import then built 9 million layers' names (12 GB, without end)."""

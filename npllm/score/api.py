@@ -53,7 +53,9 @@ def iter_scores(model, items, *, bos="auto", base="e", window=None, stride=None,
                     e.index = i
                     results[i] = e
             rows = [row for p in prepared.values() for row in p.rows]
-            share = {i: 1 / len(p.rows) for i, p in prepared.items()}
+            # Skipped items of a chunk are computed again (their batches make the others'
+            # numbers) but were counted by the run that wrote them.
+            share = {i: 0.0 if i in skip else 1 / len(p.rows) for i, p in prepared.items()}
             report = None
             if on_progress is not None or bar is not None:
                 def report(done):
