@@ -2,10 +2,10 @@
 one compiled call, from packed weights.
 
 1. The kernel against the layer written out in float64 (the lecture's equations with exact
-   arithmetic), with the readable float32 equations as the yardstick: both are float32
-   approximations of the same exact layer, so the kernel's error may be a few times the
-   equations' own error, never more (hypothesis: shapes, grouped-query ratios, cache lengths,
-   block types). A negative control shows that bound catches a wrong key/value head.
+   arithmetic), within a rounding-error bound of that exact layer computed stage by stage;
+   the readable float32 equations must be within it too (hypothesis: shapes, grouped-query
+   ratios, cache lengths, block types). A negative control shows that bound catches a wrong
+   key/value head.
 2. The forward pass uses it when decoding from packed weights whose q, k, v (and gate, up) lie
    one after another, and gives the logits of the composed step.
 
