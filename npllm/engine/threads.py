@@ -105,6 +105,20 @@ def part_bounds(config, T, past, n):
     return bounds + [T]
 
 
+def drain_together(pool, drain, n):
+    """``drain()`` on the caller's thread and on n - 1 threads of ``pool``, each taking work
+    until none is left; once every one has returned, the first error raised reaches the
+    caller."""
+    others = [pool.submit(drain) for _ in range(n - 1)]
+    try:
+        drain()
+    finally:
+        errors = [f.exception() for f in others]  # waits for each
+    for error in errors:
+        if error is not None:
+            raise error
+
+
 class Parallel:
     """How the engine spreads work over threads; ``threads`` None: :func:`machine_threads` at
     each call (so the caller's limits hold), else that many."""
@@ -200,14 +214,7 @@ class Parallel:
                 _inside.run = False
 
         with blas_on_one_thread():
-            others = [self._workers(n - 1).submit(drain) for _ in range(n - 1)]
-            try:
-                drain()
-            finally:
-                errors = [f.exception() for f in others]
-        for error in errors:
-            if error is not None:
-                raise error
+            drain_together(self._workers(n - 1), drain, n)
         return out
 
 

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from npllm.engine.packed import stack_adjacent
-from npllm.engine.threads import blas_on_one_thread, machine_threads
+from npllm.engine.threads import blas_on_one_thread, drain_together, machine_threads
 from npllm.equations import rope_cos_sin, rope_inverse_frequencies
 from npllm.kernels import training as KT
 
@@ -91,14 +91,7 @@ class Team:
                 if i >= tasks:
                     return
                 fn(i)
-        others = [self.pool.submit(drain) for _ in range(min(self.threads, tasks) - 1)]
-        try:
-            drain()
-        finally:
-            errors = [f.exception() for f in others]
-        for error in errors:
-            if error is not None:
-                raise error
+        drain_together(self.pool, drain, min(self.threads, tasks))
 
     def bounds(self, N, min_rows=None):
         """Rows [0, N) cut into one range per thread, each of at least ``min_rows``."""

@@ -77,9 +77,9 @@ def causal_softmax_rows(scores, scale, a, b):
         for j in range(t + 1):
             row[j] = row[j] * scale
         exp_inplace(row, row_max(row))
-        inverse_total = np.float32(total(row))
+        row_total = np.float32(total(row))
         for j in range(t + 1):
-            row[j] = row[j] / inverse_total
+            row[j] = row[j] / row_total
         for j in range(t + 1, scores.shape[1]):
             scores[t, j] = np.float32(0.0)
 
