@@ -82,7 +82,9 @@ def test_kv_cache_with_a_wrong_position_is_detected(default_model, texts):
 def test_parts_on_threads_equal_one_pass(default_model, hf_gguf_model, hf_float64, texts):
     """A long text run in parts on threads (npllm/engine/threads.py: each part a continuation
     with the earlier parts' keys and values) equals one pass up to float32 rounding, bounded as
-    above by twice torch's float32 error on the same ids; with two parts and with three."""
+    above by twice torch's float32 error on the same ids; with two parts and with three. The
+    log-probabilities too, whose LM head is then cut by the vocabulary: log P = l_y - LSE(l)
+    moves by at most twice its logits' error."""
     from npllm.engine import NumbaEngine
     from npllm.engine.threads import MIN_PART_TOKENS
     from npllm.model import Model
@@ -94,12 +96,15 @@ def test_parts_on_threads_equal_one_pass(default_model, hf_gguf_model, hf_float6
     float32_error = np.abs(theirs - exact).max()
     assert 1e-6 < float32_error < 1e-3
     config, weights = default_model.config, default_model.weights
-    one = Model(config, weights, engine=NumbaEngine(config, weights, threads=1))(ids)
+    single = Model(config, weights, engine=NumbaEngine(config, weights, threads=1))
+    one, one_log_p = single(ids), single(ids[:-1], targets=ids[1:])
     for threads in (2, 3):
         engine = NumbaEngine(config, weights, threads=threads)
         assert engine.parallel.parts(1, len(ids)) == threads
-        parts = Model(config, weights, engine=engine)(ids)
-        np.testing.assert_allclose(parts, one, atol=2 * float32_error, rtol=0)
+        model = Model(config, weights, engine=engine)
+        np.testing.assert_allclose(model(ids), one, atol=2 * float32_error, rtol=0)
+        np.testing.assert_allclose(model(ids[:-1], targets=ids[1:]), one_log_p,
+                                   atol=4 * float32_error, rtol=0)
 
 
 def test_parameter_count_and_shares(default_model, hf_gguf_model):

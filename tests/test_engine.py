@@ -268,18 +268,20 @@ def test_two_callers_at_once_both_get_their_numbers():
 @given(T=st.integers(2, 8192), past=st.integers(0, 8192), n=st.integers(2, 16),
        sizes=st.sampled_from([(30, 576, 9, 3, 64, 1536, 49152),   # SmolLM2-135M
                               (32, 4096, 32, 8, 128, 14336, 128256),  # Llama-3-8B
-                              (2, 16, 4, 2, 4, 40, 384)]))  # a tiny model
-def test_part_bounds_give_the_parts_equal_work(T, past, n, sizes):
-    """Token t costs 2P + b (past + t) (weights, then attention to the positions before it);
-    each boundary is the one that best splits the work at j/n of it, within a token."""
+                              (2, 16, 4, 2, 4, 40, 384)]),  # a tiny model
+       head=st.booleans())
+def test_part_bounds_give_the_parts_equal_work(T, past, n, sizes, head):
+    """Token t costs 2P + b (past + t) (weights, then attention to the positions before it;
+    the LM head's V D among P only when the parts run it); each boundary is the one that best
+    splits the work at j/n of it, within a token."""
     from npllm.engine.threads import ATTENTION_COST
     L, D, H, K, Dh, F, V = sizes
     n = min(n, T)
     config = tiny_config(L=L, D=D, H=H, K=K, Dh=Dh, F=F, V=V)
-    P = L * (D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F) + V * D
+    P = L * (D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F) + (V * D if head else 0)
     b = ATTENTION_COST * 4 * L * H * Dh
     cost = np.cumsum(2 * P + b * (past + np.arange(T, dtype=np.float64)))  # work of tokens < t+1
-    bounds = part_bounds(config, T, past, n)
+    bounds = part_bounds(config, T, past, n, head)
     assert bounds[0] == 0 and bounds[-1] == T and all(np.diff(bounds) >= 1)
     for j, h in enumerate(bounds[1:-1], 1):
         target = j / n * cost[-1]

@@ -349,18 +349,19 @@ def test_exp32_is_within_one_ulp_of_the_correctly_rounded_exp():
 
 @given(seed=seeds, lead=leads, T=st.integers(1, 9), V=st.integers(1, 3000),
        columns=st.sampled_from([None, 1, 7, 256]), scale=st.sampled_from([0.1, 1.0, 30.0]),
-       run=drivers)
-@example(seed=243426, lead=[3], T=3, V=2, columns=1, scale=30.0, run="serial")
-def test_lm_head_log_probs_equals_the_composition(seed, lead, T, V, columns, scale, run):
-    """The fused LM head + log-softmax (over blocks of the vocabulary, a streaming logsumexp)
-    against ``token_log_probs(lm_head(c, W), targets)``, the equations' composition."""
+       run=drivers, slices=st.integers(1, 4))
+@example(seed=243426, lead=[3], T=3, V=2, columns=1, scale=30.0, run="serial", slices=1)
+def test_lm_head_log_probs_equals_the_composition(seed, lead, T, V, columns, scale, run, slices):
+    """The fused LM head + log-softmax (over blocks of the vocabulary, a streaming logsumexp;
+    over ``slices`` slices of it, merged) against ``token_log_probs(lm_head(c, W), targets)``,
+    the equations' composition."""
     D = 16
     c = values(seed, (*lead, T, D), scale)
     W = values(seed + 1, (V, D))
     targets = np.random.default_rng(seed).integers(0, V, size=(*lead, T))
     expected = E.lm_head_log_probs(c, W, targets)
     with driver(run):
-        actual = K.lm_head_log_probs(c, W, targets, columns=columns)
+        actual = K.lm_head_log_probs(c, W, targets, columns=columns, slices=slices)
     assert actual.shape == expected.shape == (*lead, T)
     # Two absolute errors. The sum of e^{logit - max} is kept in float64 and, over blocks,
     # rescaled: its log may differ from NumPy's float32 sum by a few ulp of log V. And each

@@ -14,7 +14,9 @@ decided once, when the engine is made from the weights, and each tested equal to
    step llama2.c writes).
 4. **Threads.** A long sequence runs in parts and a chunk's batches run several at once, one per
    core (:mod:`npllm.engine.threads`); the log-probabilities of the targets are computed without
-   ever holding the [T, V] logits (:func:`npllm.kernels.lm_head_log_probs`).
+   ever holding the [T, V] logits (:func:`npllm.kernels.lm_head_log_probs`), and for a long
+   sequence by slices of the vocabulary, one per core, after the parts have joined their final
+   states: each slice of W is then read once, for every row, in products of all the rows.
 
 After products with BLAS on several threads, OpenBLAS keeps its threads spinning for a while,
 ready for the next product (2^``OPENBLAS_THREAD_TIMEOUT`` cycles, 2^28 by default: about 0.1 s).
@@ -126,21 +128,38 @@ class NumbaEngine(WarmUp):
         whole = inputs.targets is None or inputs.kept == T
         n = self.parallel.parts(B, T) if attention_mask is None and trace is no_trace and whole \
             else 1
+        if n > 1 and inputs.targets is not None:
+            # The parts stop at the final states; the LM head is cut by the vocabulary instead
+            # (every row of the sequence against a slice of W on each thread).
+            x = self.parallel.forward_in_parts(self._states, self.config, inputs.ids, n, cache,
+                                               inputs.kept, head=False)
+            return K.lm_head_log_probs(x, self.lm_head, inputs.targets, slices=n,
+                                       map=self.parallel.map)
         if n > 1:
-            return self.parallel.forward_in_parts(self._part, self.config, inputs.ids, n, cache,
-                                                  inputs.kept, inputs.targets)
+            return self.parallel.forward_in_parts(self._logits, self.config, inputs.ids, n,
+                                                  cache, inputs.kept)
         out = self.forward(inputs.ids, cache, attention_mask, trace, inputs.kept, inputs.targets)
         self.blas.note()  # its float32 products ran on BLAS's threads
         return out
 
-    def _part(self, ids, cache, kept, targets):
-        return self.forward(ids, cache, None, no_trace, kept, targets)
+    def _states(self, ids, cache, kept):
+        return self.states(ids, cache, None, no_trace, kept)
+
+    def _logits(self, ids, cache, kept):
+        return self.forward(ids, cache, None, no_trace, kept)
 
     def forward(self, ids, cache=None, attention_mask=None, trace=no_trace, kept=None,
                 targets=None, layers=None, lm_head=None, one_thread=False):
         """The reference forward pass's steps with the kernels: ids [B, T] -> logits
         [B, kept, V], or log P(targets [B, kept]) [B, kept]. ``layers``, ``lm_head``: the
         matrices to multiply by (the float32 ones by default)."""
+        x = self.states(ids, cache, attention_mask, trace, kept, layers, one_thread)
+        return self.head(x, lm_head, targets, attention_mask, trace, one_thread)
+
+    def states(self, ids, cache=None, attention_mask=None, trace=no_trace, kept=None,
+               layers=None, one_thread=False):
+        """The forward pass up to the LM head: ids [B, T] -> the final (normed) states of the
+        kept positions, [B, kept, D]."""
         config, layers = self.config, layers or self.layers
         B, T = ids.shape
         kept = kept or T
@@ -190,7 +209,7 @@ class NumbaEngine(WarmUp):
         trace("norm", x)
         if cache is not None:
             cache.length += T
-        return self.head(x[:, T - kept:], lm_head, targets, attention_mask, trace, one_thread)
+        return x[:, T - kept:]
 
     def head(self, x, W=None, targets=None, attention_mask=None, trace=no_trace,
              one_thread=False):

@@ -76,12 +76,12 @@ def blas_on_one_thread():
         yield
 
 
-def part_bounds(config, T, past, n):
+def part_bounds(config, T, past, n, head=True):
     r"""Where to cut T new tokens (after ``past`` cached ones) into n parts of equal work:
     ``[0, b_1, ..., b_{n-1}, T]``.
 
     Token t costs its products with the weights, 2P FLOPs (P: the weight matrices' parameters,
-    the LM head's included), and its attention to the past + t positions before it,
+    the LM head's included when the parts run it, ``head``), and its attention to the past + t positions before it,
     4 L H D_h (past + t) FLOPs that run ``ATTENTION_COST`` times slower: cost(t) = a + b t with
     a = 2P + b past. The first h tokens cost :math:`C(h) = a h + b h^2 / 2`; boundary j solves
     C(b_j) = (j / n) C(T):
@@ -93,7 +93,7 @@ def part_bounds(config, T, past, n):
     P = c.num_hidden_layers * (
         attention_parameters(c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
                              c.head_dim) + mlp_parameters(c.hidden_size, c.intermediate_size)
-    ) + c.vocab_size * c.hidden_size
+    ) + (c.vocab_size * c.hidden_size if head else 0)
     b = ATTENTION_COST * 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim
     a = 2 * P + b * past
     total = a * T + b * T * T / 2
@@ -145,17 +145,18 @@ class Parallel:
             self._pool, self._pool_size = ThreadPoolExecutor(n, thread_name_prefix="npllm"), n
         return self._pool
 
-    def forward_in_parts(self, run, config, ids, n, cache=None, kept=None, targets=None):
-        """``run(ids, cache=, kept=, targets=)`` (one forward pass) on n parts of one sequence's
-        tokens at once, BLAS on one thread per call, the results joined as one pass gives them.
+    def forward_in_parts(self, run, config, ids, n, cache=None, kept=None, head=True):
+        """``run(ids, cache=, kept=)`` (one forward pass, to the logits or, ``head`` false, to the
+        final states) on n parts of one sequence's tokens at once, BLAS on one thread per call,
+        the results joined as one pass gives them.
 
-        ids [1, T], targets [1, T] or None -> logits [1, kept, V] or log P [1, T]. ``cache``: the
-        caller's (a prompt), which the parts continue and whose length advances by T.
+        ids [1, T] -> [1, kept, ...] (e.g. the logits [1, kept, V]). ``cache``: the caller's (a
+        prompt), which the parts continue and whose length advances by T.
         """
         T = ids.shape[1]
         kept = kept or T
         past = 0 if cache is None else cache.length
-        bounds = part_bounds(config, T, past, n)
+        bounds = part_bounds(config, T, past, n, head)
         shared = Handoff(config, bounds, past, cache)
 
         def part(j):
@@ -164,8 +165,7 @@ class Parallel:
             keep = max(1, min(hi - lo, hi - (T - kept)))
             _inside.run = True
             try:
-                return run(ids[:, lo:hi], cache=shared.part(j), kept=keep,
-                           targets=None if targets is None else targets[:, lo:hi])
+                return run(ids[:, lo:hi], cache=shared.part(j), kept=keep)
             except BaseException:
                 shared.release()  # the parts waiting for this one's keys and values go on
                 raise

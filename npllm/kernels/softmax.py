@@ -119,7 +119,7 @@ def _logsumexp_serial(logits, v0, targets, top, total_exp, picked):
         _logsumexp_task(i, logits, v0, targets, top, total_exp, picked)
 
 
-def lm_head_log_probs(c, W, targets, columns=None):
+def lm_head_log_probs(c, W, targets, columns=None, slices=1, map=map):
     r"""Numba twin of the composition ``token_log_probs(lm_head(c, W), targets)``
     (:func:`npllm.equations.lm_head_log_probs`): c [..., T, D], W [V, D], targets int [..., T]
     -> [..., T].
@@ -132,6 +132,11 @@ def lm_head_log_probs(c, W, targets, columns=None):
     row's running maximum and sum of exponentials (the streaming logsumexp), so the [..., T, V]
     logits never exist at once: for 512 tokens and V = 49,152 that is 100 MB not allocated.
     Then, as in the NumPy version, ``(logit_y - max) - log(sum)`` in float32.
+
+    ``slices``: the vocabulary is cut into that many equal slices, whose maxima and sums
+    (:func:`_vocabulary_sums`) are merged at the end as the blocks are; ``map(fn, slices)``
+    computes them (the engine passes one that runs them on several threads at once: each
+    thread then reads its slice of W once for every row).
     """
     c = as_array(c, "c", "[..., D]")
     W = as_array(W, "W", "[V, D]")
@@ -146,16 +151,34 @@ def lm_head_log_probs(c, W, targets, columns=None):
         raise ValueError(f"targets must be token ids in [0, V) = [0, {V})")
     rows = np.ascontiguousarray(c).reshape(-1, D)
     wanted = targets.reshape(-1).astype(np.int64)
+    n = max(1, min(int(slices), V))
+    cuts = [V * j // n for j in range(n + 1)]
+    sums = list(map(lambda j: _vocabulary_sums(rows, W, wanted, cuts[j], cuts[j + 1], columns),
+                    range(n)))
+    top = sums[0][0]
+    for other, _, _ in sums[1:]:
+        top = np.maximum(top, other)
+    # Each slice's sum of e^{logit - its max}, rescaled to the common max (as one block is
+    # rescaled when a later block raises the max); a target's logit is in exactly one slice.
+    total_exp = sum(t * np.exp(m.astype(np.float64) - top) for m, t, _ in sums)
+    picked = sum(p for _, _, p in sums)
+    out = (picked - top) - np.log(total_exp.astype(np.float32))
+    return out.reshape(targets.shape)
+
+
+def _vocabulary_sums(rows, W, wanted, first, last, columns=None):
+    """For rows [N, D] and the vocabulary entries [first, last) of W: each row's largest logit
+    (float32 [N]), its sum of e^{logit - largest} (float64 [N]) and its target's logit (float32
+    [N]; 0 where the target is outside the slice)."""
     N = rows.shape[0]
     # ~1M logits per block (4 MB, read again from cache by the log-softmax; for 512 rows as
     # fast as the whole product, which would take 100 MB); never fewer than 1,024 columns.
-    columns = columns or max(1024, min(V, (1 << 20) // max(N, 1)))
+    columns = columns or max(1024, min(last - first, (1 << 20) // max(N, 1)))
     top = np.full(N, -np.inf, np.float32)
     total_exp = np.zeros(N, np.float64)
     picked = np.zeros(N, np.float32)
-    for v0 in range(0, V, columns):
-        block = rows @ W[v0:v0 + columns].T  # [N, C] logits of this slice of the vocabulary
+    for v0 in range(first, last, columns):
+        block = rows @ W[v0:min(v0 + columns, last)].T  # [N, C] logits of this block
         run = _logsumexp_serial if block.size < SERIAL_BELOW else _logsumexp_parallel
         run(block, v0, wanted, top, total_exp, picked)
-    out = (picked - top) - np.log(total_exp.astype(np.float32))
-    return out.reshape(targets.shape)
+    return top, total_exp, picked
