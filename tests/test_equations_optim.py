@@ -189,7 +189,7 @@ def test_adamw_state_round_trips(seed):
 @given(seed=seeds, n=st.integers(1, 300), step=st.integers(1, 50),
        lr=st.sampled_from([1e-4, 1e-3, 3e-2]), weight_decay=st.sampled_from([0.0, 0.1]))
 def test_adamw_numba_twin_equals_the_equation(seed, n, step, lr, weight_decay):
-    from npllm.training.kernels import adamw_step_
+    from npllm.kernels.optim import adamw_step_
     rng = np.random.default_rng(seed)
     w, g, m = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
     v = np.abs(rng.standard_normal(n)).astype(np.float32) * np.float32(1e-3)

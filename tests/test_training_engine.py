@@ -147,7 +147,7 @@ def test_adamw_twin_shared_between_threads_equals_one_thread(seed, n, threads, m
     """The AdamW twin on pieces of a weight, on the engine's threads: every element gets the
     same float32 operations as in one call, so the results are bit-identical."""
     from npllm.engine.training import Team
-    from npllm.training.kernels import adamw_step_
+    from npllm.kernels.optim import adamw_step_
     rng = np.random.default_rng(seed)
     w, g, m = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
     v = np.abs(rng.standard_normal(n)).astype(np.float32)

@@ -26,6 +26,11 @@ ones ``gguf.quants.dequantize`` gives; the forward pass uses it when decoding
 layer for one new token in one compiled call (``decode_layer``, what the forward pass runs per
 layer when it decodes from packed weights; tested in ``tests/test_decode.py``).
 
+Two modules serve training, imported by name and not re-exported here either: ``training.py``,
+the twins of the backward equations for the training engine (``tests/test_kernels_training.py``),
+and ``optim.py``, the twin of :func:`npllm.equations.adamw_step` (the equation lives in
+``equations/optim.py``; ``tests/test_equations_optim.py``).
+
 Each public function is a thin Python wrapper (the equation's argument checks, leading axes
 flattened, masks broadcast as views) around ``@numba.njit`` cores: a function for one row or
 one block of rows, and a serial and a parallel loop over the rows (``_parallel.py`` says why a

@@ -48,7 +48,7 @@ class SGD:
 
 
 def fused(engine=None):
-    """Whether AdamW runs its Numba twin (:mod:`npllm.training.kernels`): on the Numba engine
+    """Whether AdamW runs its Numba twin (:mod:`npllm.kernels.optim`): on the Numba engine
     (the default), not with ``NPLLM_ENGINE=reference`` or ``engine="reference"``. Same numbers
     either way."""
     from npllm.engine import engine_name
@@ -87,7 +87,7 @@ class AdamW:
         if self.fused:
             from functools import partial
 
-            from npllm.training.kernels import adamw_step_
+            from npllm.kernels.optim import adamw_step_
             step = partial(adamw_step_, split=self.split)
         for name, w in parameters(weights).items():
             decay = self.weight_decay if decays(name, w) else 0.0
