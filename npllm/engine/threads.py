@@ -81,10 +81,10 @@ def part_bounds(config, T, past, n, head=True):
     ``[0, b_1, ..., b_{n-1}, T]``.
 
     Token t costs its products with the weights, 2P FLOPs (P: the weight matrices' parameters,
-    the LM head's included when the parts run it, ``head``), and its attention to the past + t positions before it,
-    4 L H D_h (past + t) FLOPs that run ``ATTENTION_COST`` times slower: cost(t) = a + b t with
-    a = 2P + b past. The first h tokens cost :math:`C(h) = a h + b h^2 / 2`; boundary j solves
-    C(b_j) = (j / n) C(T):
+    the LM head's included when the parts run it, ``head``), and its attention to the past + t
+    positions before it, 4 L H D_h (past + t) FLOPs that run ``ATTENTION_COST`` times slower:
+    cost(t) = a + b t with a = 2P + b past. The first h tokens cost
+    :math:`C(h) = a h + b h^2 / 2`; boundary j solves C(b_j) = (j / n) C(T):
 
     .. math::
         b_j = \frac{2 c_j}{a + \sqrt{a^2 + 2 b c_j}}, \qquad c_j = \frac{j}{n} C(T)

@@ -155,9 +155,7 @@ def lm_head_log_probs(c, W, targets, columns=None, slices=1, map=map):
     cuts = [V * j // n for j in range(n + 1)]
     sums = list(map(lambda j: _vocabulary_sums(rows, W, wanted, cuts[j], cuts[j + 1], columns),
                     range(n)))
-    top = sums[0][0]
-    for other, _, _ in sums[1:]:
-        top = np.maximum(top, other)
+    top = np.max([m for m, _, _ in sums], axis=0)
     # Each slice's sum of e^{logit - its max}, rescaled to the common max (as one block is
     # rescaled when a later block raises the max); a target's logit is in exactly one slice.
     total_exp = sum(t * np.exp(m.astype(np.float64) - top) for m, t, _ in sums)
