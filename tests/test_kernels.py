@@ -373,6 +373,31 @@ def test_lm_head_log_probs_equals_the_composition(seed, lead, T, V, columns, sca
     assert_within_terms(actual, expected, terms, ulps=16, rtol=1e-5, atol=4e-6 * max(1.0, np.log(V)))
 
 
+@given(seed=seeds, V=st.integers(2, 300), columns=st.sampled_from([None, 1, 7]),
+       slices=st.integers(1, 4), data=st.data())
+def test_lm_head_log_probs_with_impossible_tokens(seed, V, columns, slices, data):
+    """Vocabulary entries whose logit is -inf (probability 0) may fill whole blocks and whole
+    slices: they add e^{-inf} = 0 to the sum, as in the equations' composition, and are never
+    the NaN of e^{-inf - (-inf)}."""
+    first = data.draw(st.integers(0, V - 1), "first")
+    last = data.draw(st.integers(first + 1, V), "last")
+    if last - first == V:
+        last -= 1  # at least one possible token, else log P is NaN in both
+    D, T = 8, 5
+    c = np.abs(values(seed, (T, D))) + np.float32(0.1)  # positive: -inf weights give -inf, not NaN
+    W = values(seed + 1, (V, D))
+    W[first:last] = -np.inf
+    targets = np.random.default_rng(seed).integers(0, V, size=T)
+    expected = E.lm_head_log_probs(c, W, targets)
+    actual = K.lm_head_log_probs(c, W, targets, columns=columns, slices=slices)
+    impossible = (first <= targets) & (targets < last)
+    assert np.all(actual[impossible] == -np.inf) and np.all(expected[impossible] == -np.inf)
+    W[first:last] = 0.0  # the finite entries' terms (as in the test above)
+    terms = product_terms(c, W.T).max(axis=-1)
+    assert_within_terms(actual[~impossible], expected[~impossible], terms[~impossible], ulps=16,
+                        rtol=1e-5, atol=4e-6 * max(1.0, np.log(V)))
+
+
 def test_lm_head_log_probs_rejects_bad_targets():
     c, W = np.ones((3, 4), np.float32), np.ones((5, 4), np.float32)
     for bad in (np.array([0, 1]), np.array([0, 1, 5]), np.array([0.0, 1.0, 2.0])):

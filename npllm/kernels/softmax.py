@@ -100,6 +100,8 @@ def _logsumexp_task(i, logits, v0, targets, top, total_exp, picked):
     if 0 <= t < x.shape[0]:
         picked[i] = x[t]
     m = max(top[i], row_max(x))
+    if m == -np.inf:
+        return  # every logit so far is -inf: e^{-inf} adds 0 (and e^{-inf - (-inf)} is NaN)
     if m > top[i]:
         total_exp[i] *= np.exp(np.float64(top[i]) - np.float64(m))  # 0 for the first block
         top[i] = m
@@ -158,7 +160,9 @@ def lm_head_log_probs(c, W, targets, columns=None, slices=1, map=map):
     top = np.max([m for m, _, _ in sums], axis=0)
     # Each slice's sum of e^{logit - its max}, rescaled to the common max (as one block is
     # rescaled when a later block raises the max); a target's logit is in exactly one slice.
-    total_exp = sum(t * np.exp(m.astype(np.float64) - top) for m, t, _ in sums)
+    # A slice whose logits are all -inf adds 0 (its e^{m - top} would be NaN if top is -inf too).
+    total_exp = sum(np.where(m == -np.inf, 0.0, t * np.exp(m.astype(np.float64) - top))
+                    for m, t, _ in sums)
     picked = sum(p for _, _, p in sums)
     out = (picked - top) - np.log(total_exp.astype(np.float32))
     return out.reshape(targets.shape)
