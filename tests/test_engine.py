@@ -295,13 +295,17 @@ def test_part_bounds_give_the_parts_equal_work(T, past, n, sizes, head):
 def test_the_engine_uses_the_threads_the_machine_gives():
     """Read in fresh processes: the engine counts BLAS's and Numba's threads as the environment
     sets them (16 on this 2-core machine: the count is read, not measured), cuts a long pass in
-    that many parts when each gets MIN_PART_TOKENS, and fewer when the text is shorter."""
+    that many parts when each gets MIN_PART_TOKENS, and fewer when the text is shorter. Two
+    parts run on 2 threads, but not on 3 or 16, where one pass with BLAS on every thread
+    leaves no core idle (Parallel.parts: Amdahl's law with OUTSIDE_BLAS)."""
     script = ("from npllm.engine.threads import machine_threads, MIN_PART_TOKENS, Parallel\n"
               "p = Parallel()\n"
               "print(machine_threads(), p.threads, p.parts(1, 16 * MIN_PART_TOKENS),"
-              " p.parts(1, 5 * MIN_PART_TOKENS + 7), p.parts(2, 10**5), p.parts(1, 10))\n")
-    for blas_n, numba_n, expected in (("16", "16", "16 16 16 5 1 1"), ("1", "3", "3 3 3 3 1 1"),
-                                      ("1", "1", "1 1 1 1 1 1")):
+              " p.parts(1, 5 * MIN_PART_TOKENS + 7), p.parts(2, 10**5), p.parts(1, 10),"
+              " p.parts(1, 2 * MIN_PART_TOKENS))\n")
+    for blas_n, numba_n, expected in (("16", "16", "16 16 16 5 1 1 1"),
+                                      ("1", "3", "3 3 3 3 1 1 1"), ("2", "2", "2 2 2 2 1 1 2"),
+                                      ("1", "1", "1 1 1 1 1 1 1")):
         env = {**os.environ, "OPENBLAS_NUM_THREADS": blas_n, "OMP_NUM_THREADS": blas_n,
                "NUMBA_NUM_THREADS": numba_n}
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,

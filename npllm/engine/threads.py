@@ -17,13 +17,15 @@ order of BLAS's sums. The boundaries give each part the same work (:func:`part_b
 Several batches (:meth:`Parallel.map`): ``npllm.score`` makes many independent forward passes,
 one per batch; they run n at a time, each keeping all its rows.
 
-How many. n is the machine's thread count as the caller configured it (BLAS's and Numba's,
-e.g. ``OMP_NUM_THREADS``, or ``threads=`` when the engine is made), and a part gets at least
-:data:`MIN_PART_TOKENS` tokens: a matrix product of fewer rows on one thread runs well below
-BLAS's rate, and loses more than running the rest in parallel gains. While parts or batches
-run, BLAS runs on one thread (threadpoolctl's context manager, restored on exit). Its thread
-count is the process's, so one such run at a time; a forward pass called from inside a part is
-not split again.
+How many. At most t, the machine's thread count as the caller configured it (BLAS's and
+Numba's, e.g. ``OMP_NUM_THREADS``, or ``threads=`` when the engine is made), and a part gets at
+least :data:`MIN_PART_TOKENS` tokens: a matrix product of fewer rows on one thread runs well
+below BLAS's rate, and loses more than running the rest in parallel gains. A text too short for
+t parts may still make a few (2 parts of 512 tokens on 16 cores), which would leave the other
+cores idle: one pass with BLAS on all t threads may then be faster. :meth:`Parallel.parts`
+weighs the two by Amdahl's law (see there). While parts or batches run, BLAS runs on one thread
+(threadpoolctl's context manager, restored on exit). Its thread count is the process's, so one
+such run at a time; a forward pass called from inside a part is not split again.
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -41,6 +43,10 @@ MIN_PART_TOKENS = 192
 # Attention's time per FLOP against the weight products': its products are small (Dh wide)
 # and the softmax comes with them (docs/performance.md).
 ATTENTION_COST = 1.5
+# The share of a forward pass on one thread spent outside BLAS's weight products: the kernels
+# between them, which one pass on t threads runs on one (scripts/outside_blas.py measures it;
+# docs/performance.md).
+OUTSIDE_BLAS = 0.2
 
 _blas_controller = []  # threadpoolctl's view of the BLAS libraries (made once: it scans the process)
 _one_run_at_a_time = threading.Lock()  # BLAS's thread count is process-wide
@@ -132,11 +138,21 @@ class Parallel:
         return self.fixed_threads or machine_threads()
 
     def parts(self, B, T):
-        """Into how many parts a forward pass over B sequences of T new tokens is cut: batches
-        and short sequences run as one pass, and so does what runs inside a part."""
+        r"""Into how many parts a forward pass over B sequences of T new tokens is cut: batches
+        and short sequences run as one pass, and so does what runs inside a part.
+
+        n parts of at least ``min_part_tokens`` (at most t, the threads) take about 1/n of the
+        pass's time on one thread. One pass with BLAS on t threads takes at least, by Amdahl's
+        law, :math:`s + (1 - s) / t` of it (s = :data:`OUTSIDE_BLAS`, the kernels between the
+        products, which run on one thread there). The parts run when they are faster than
+        that: on 2 threads always; on 16 threads from 5 parts on.
+        """
         if B != 1 or getattr(_inside, "run", False):
             return 1
-        return max(1, min(self.threads, T // self.min_part_tokens))
+        t = self.threads
+        n = max(1, min(t, T // self.min_part_tokens))
+        one_pass = OUTSIDE_BLAS + (1 - OUTSIDE_BLAS) / t
+        return n if 1 / n < one_pass else 1
 
     def _workers(self, n):
         if self._pool is None or self._pool_size < n:
