@@ -21,11 +21,12 @@ How many. At most t, the machine's thread count as the caller configured it (BLA
 Numba's, e.g. ``OMP_NUM_THREADS``, or ``threads=`` when the engine is made), and a part gets at
 least :data:`MIN_PART_TOKENS` tokens: a matrix product of fewer rows on one thread runs well
 below BLAS's rate, and loses more than running the rest in parallel gains. A text too short for
-t parts may still make a few (2 parts of 512 tokens on 16 cores), which would leave the other
-cores idle: one pass with BLAS on all t threads may then be faster. :meth:`Parallel.parts`
-weighs the two by Amdahl's law (see there). While parts or batches run, BLAS runs on one thread
-(threadpoolctl's context manager, restored on exit). Its thread count is the process's, so one
-such run at a time; a forward pass called from inside a part is not split again.
+t parts may still make a few (2 parts of 512 tokens on 16 cores), and so may a few batches;
+they would leave the other cores idle, and one pass after another with BLAS on all t threads
+may be faster: :func:`side_by_side_is_faster` weighs the two by Amdahl's law. While parts or
+batches run, BLAS runs on one thread (threadpoolctl's context manager, restored on exit). Its
+thread count is the process's, so one such run at a time; a forward pass called from inside a
+part is not split again.
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -111,6 +112,18 @@ def part_bounds(config, T, past, n, head=True):
     return bounds + [T]
 
 
+def side_by_side_is_faster(n, t):
+    r"""Whether n pieces of work (parts of a pass, or batches) run faster at once, one per thread
+    with BLAS on one thread each, than one after another with BLAS on all t threads.
+
+    At once they take 1/n of their time on one thread. One after another they take at least
+    :math:`s + (1 - s) / t` of it, by Amdahl's law: BLAS's products spread over the t threads,
+    and the kernels between them (the share s = :data:`OUTSIDE_BLAS`) run on one. So 2 pieces
+    run at once on 2 threads, but not on 3 or more; on 16 threads, from 5 pieces on.
+    """
+    return n > 1 and 1 / n < OUTSIDE_BLAS + (1 - OUTSIDE_BLAS) / t
+
+
 def drain_together(pool, drain, n):
     """``drain()`` on the caller's thread and on n - 1 threads of ``pool``, each taking work
     until none is left; once every one has returned, the first error raised reaches the
@@ -138,21 +151,14 @@ class Parallel:
         return self.fixed_threads or machine_threads()
 
     def parts(self, B, T):
-        r"""Into how many parts a forward pass over B sequences of T new tokens is cut: batches
-        and short sequences run as one pass, and so does what runs inside a part.
-
-        n parts of at least ``min_part_tokens`` (at most t, the threads) take about 1/n of the
-        pass's time on one thread. One pass with BLAS on t threads takes at least, by Amdahl's
-        law, :math:`s + (1 - s) / t` of it (s = :data:`OUTSIDE_BLAS`, the kernels between the
-        products, which run on one thread there). The parts run when they are faster than
-        that: on 2 threads always; on 16 threads from 5 parts on.
-        """
+        """Into how many parts a forward pass over B sequences of T new tokens is cut: batches
+        and short sequences run as one pass, and so does what runs inside a part. At most one
+        part per thread, each of at least ``min_part_tokens``, and only when the parts are
+        faster than one pass with BLAS on every thread (:func:`side_by_side_is_faster`)."""
         if B != 1 or getattr(_inside, "run", False):
             return 1
-        t = self.threads
-        n = max(1, min(t, T // self.min_part_tokens))
-        one_pass = OUTSIDE_BLAS + (1 - OUTSIDE_BLAS) / t
-        return n if 1 / n < one_pass else 1
+        n = max(1, min(self.threads, T // self.min_part_tokens))
+        return n if side_by_side_is_faster(n, self.threads) else 1
 
     def _workers(self, n):
         if self._pool is None or self._pool_size < n:
@@ -202,13 +208,14 @@ class Parallel:
 
     def map(self, fn, items, at_once=None):
         """``[fn(item) for item in items]``, up to ``at_once`` (by default every thread) at a
-        time, BLAS on one thread meanwhile. ``fn`` runs forward passes, whose kernels release
-        the GIL. If a call raises, no further item is started, the others finish theirs, and
-        the error reaches the caller."""
+        time, BLAS on one thread meanwhile; one after another, BLAS on every thread, when that
+        is faster (:func:`side_by_side_is_faster`). ``fn`` runs forward passes, whose kernels
+        release the GIL. If a call raises, no further item is started, the others finish
+        theirs, and the error reaches the caller."""
         items = list(items)
         n = min(len(items), self.threads, at_once or len(items))
-        if n < 2 or getattr(_inside, "run", False):
-            return [fn(item) for item in items]
+        if not side_by_side_is_faster(n, self.threads) or getattr(_inside, "run", False):
+            return [fn(item) for item in items]  # BLAS on every thread
         out = [None] * len(items)
         order = iter(range(len(items)))
         take_turns = threading.Lock()
