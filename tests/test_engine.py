@@ -237,19 +237,31 @@ def test_map_runs_on_n_threads_in_order_and_stops_at_an_error():
     assert parallel.map(lambda x: -x, range(3)) == [0, -1, -2]  # nothing left locked
 
 
-def test_an_error_in_a_part_reaches_the_caller_without_hanging():
+@pytest.mark.parametrize("failing", [0, 1, 2])
+def test_an_error_in_a_part_reaches_the_caller_without_hanging(failing):
+    """Whichever part fails, its error reaches the caller; the parts before it finish, and
+    those after it stop at their first layer instead of attending to keys and values that
+    were never written (a part is known by where its cache starts)."""
     config = tiny_config()
     engine = NumbaEngine(config, random_weights(config, 3), threads=3, min_part_tokens=4)
-    calls = []
+    starts = part_bounds(config, 30, 0, 3)[:3]
+    outcome = {}
 
-    def run(ids, **kwargs):
-        calls.append(len(calls))
-        if len(calls) == 1:
-            raise RuntimeError("boom")
-        return engine.forward(ids, **kwargs)
+    def run(ids, cache, kept):
+        j = starts.index(cache.length)
+        try:
+            if j == failing:
+                raise RuntimeError("boom")
+            out = engine.forward(ids, cache=cache, kept=kept)
+        except RuntimeError as error:
+            outcome[j] = str(error)
+            raise
+        outcome[j] = "done"
+        return out
     with pytest.raises(RuntimeError, match="boom"):
         engine.parallel.forward_in_parts(run, config, np.zeros((1, 30), np.int64), 3)
-    assert len(calls) == 3
+    assert outcome == {j: "done" if j < failing else "boom" if j == failing
+                       else f"part {failing} of this pass failed" for j in range(3)}
 
 
 def test_two_callers_at_once_both_get_their_numbers():

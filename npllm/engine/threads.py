@@ -189,7 +189,7 @@ class Parallel:
             try:
                 return run(ids[:, lo:hi], cache=shared.part(j), kept=keep)
             except BaseException:
-                shared.release()  # the parts waiting for this one's keys and values go on
+                shared.release(j)  # the parts waiting for this one's keys and values go on
                 raise
             finally:
                 _inside.run = False
@@ -262,6 +262,7 @@ class Handoff:
         self.written = [[threading.Event() for _ in range(self.n)] for _ in range(L)]
         self.finished = [0] * L  # parts past each layer
         self.lock = threading.Lock()
+        self.failed = self.n  # the first part that stopped with an error (none yet)
 
     def part(self, j):
         return PartCache(self, j)
@@ -278,8 +279,11 @@ class Handoff:
             if self.finished[layer] == self.n and self.shape is not None:
                 self.keys[layer] = self.values[layer] = None
 
-    def release(self):
-        """Let every waiting part go on (a part stopped early, with an error)."""
+    def release(self, j):
+        """Part j stopped early, with an error: let every waiting part go on. Those after it
+        then stop too, instead of attending to keys and values never written."""
+        with self.lock:
+            self.failed = min(self.failed, j)
         for events in self.written:
             for event in events:
                 event.set()
@@ -304,6 +308,8 @@ class PartCache(KVCache):
         shared.written[layer][self.j].set()
         for i in range(self.j):
             shared.written[layer][i].wait()
+        if shared.failed < self.j:  # the caller gets that part's error (forward_in_parts)
+            raise RuntimeError(f"part {shared.failed} of this pass failed")
         if layer:
             shared.past_layer(layer - 1)
         if layer == len(self.keys) - 1:
