@@ -160,9 +160,8 @@ def lm_head_log_probs(c, W, targets, columns=None, slices=1, map=map):
     top = np.max([m for m, _, _ in sums], axis=0)
     # Each slice's sum of e^{logit - its max}, rescaled to the common max (as one block is
     # rescaled when a later block raises the max); a target's logit is in exactly one slice.
-    # A slice whose logits are all -inf adds 0 (its e^{m - top} would be NaN if top is -inf too).
-    total_exp = sum(np.where(m == -np.inf, 0.0, t * np.exp(m.astype(np.float64) - top))
-                    for m, t, _ in sums)
+    # A slice whose logits are all -inf has max -inf and sum 0 (_logsumexp_task): it adds 0.
+    total_exp = sum(t * np.exp(m.astype(np.float64) - top) for m, t, _ in sums)
     picked = sum(p for _, _, p in sums)
     out = (picked - top) - np.log(total_exp.astype(np.float32))
     return out.reshape(targets.shape)
