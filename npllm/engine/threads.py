@@ -189,7 +189,7 @@ class Parallel:
             try:
                 return run(ids[:, lo:hi], cache=shared.part(j), kept=keep)
             except BaseException:
-                shared.release(j)  # the parts waiting for this one's keys and values go on
+                shared.release(j)  # the parts waiting for its keys and values go on, to stop
                 raise
             finally:
                 _inside.run = False
