@@ -32,6 +32,10 @@ TINY_TOL = dict(rel=1e-5, abs=2e-4)     # float32 vs float32, <= 40 tokens of ~1
 DEFAULT_TOL = dict(rel=1e-5, abs=2e-3)  # float32 vs float32, <= 16 tokens of <= 1.1e-4 each
 
 
+# npllm's two refusals of a (context, continuation) pair, where HFLM fails an assert.
+REFUSED = "needs context and continuation tokens|does not fit in max_length"
+
+
 def instances(kind, args):
     return [Instance(request_type=kind, doc={}, arguments=a, idx=0) for a in args]
 
@@ -90,14 +94,27 @@ def test_loglikelihood_equals_hflm_on_random_splits(tiny, data):
     try:
         want = theirs.loglikelihood(pair, disable_tqdm=True)
     except AssertionError:
-        # The harness's split can leave no continuation token (" ove" + "r": the joint text's
-        # " over" is one token, the context alone two): HFLM fails an assert, npllm says why.
-        with pytest.raises(ValueError, match="needs context and continuation tokens"):
+        # HFLM fails an assert where the harness's split leaves no continuation token (" ove" +
+        # "r": the joint text's " over" is one token, the context alone two) or more than
+        # max_length of them (byte-level tokens of "東京" or "🙂"); npllm says which.
+        with pytest.raises(ValueError, match=REFUSED):
             ours.loglikelihood(pair, disable_tqdm=True)
         return
     (lp, greedy), = ours.loglikelihood(pair, disable_tqdm=True)
     assert greedy == want[0][1]
     assert lp == pytest.approx(want[0][0], **TINY_TOL), pair[0].args
+
+
+def test_a_continuation_longer_than_max_length_is_refused_as_by_hflm(tiny):
+    """Twenty-seven characters, more than max_length byte-level tokens: HFLM fails an assert,
+    npllm names the problem (scoring only the continuation's last tokens would be wrong)."""
+    ours, theirs = tiny
+    pair = instances("loglikelihood", [("Accents and symbols: café,", " naïve, über, 東京, emoji 🙂")])
+    assert len(ours.tok_encode(pair[0].args[1])) > TINY_MAX_LENGTH
+    with pytest.raises(AssertionError):
+        theirs.loglikelihood(pair, disable_tqdm=True)
+    with pytest.raises(ValueError, match=f"does not fit in max_length={TINY_MAX_LENGTH}"):
+        ours.loglikelihood(pair, disable_tqdm=True)
 
 
 def test_chat_template_as_hflm(tiny):
