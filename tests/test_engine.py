@@ -10,16 +10,21 @@ weights. Then the thread counts the engine uses, read (not timed), and the defau
 Tolerance: 1e-4 absolute on logits and log-probabilities of order 1. Both engines compute in
 float32 and differ only in the order of their sums (BLAS's blocking on other row counts, fused
 projections, the kernels' lanes): about 1e-6 here. A wrong weight, head or position moves them
-by 1e-2 or more (the negative controls below).
+by 1e-2 or more (the negative controls below). Where a position's last hidden state nearly
+cancels, float32 itself is that much less exact there, in any implementation: cached decoding
+allows, on top of the 1e-4, four times transformers' own float32 error on the same weights and
+ids (:func:`float32_error`).
 """
 import os
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from threadpoolctl import threadpool_info, threadpool_limits
 
@@ -75,6 +80,33 @@ def tiny_models(draw):
     return config, random_weights(config, draw(st.integers(0, 2**31)))
 
 
+def float32_error(config, weights, ids):
+    """How far a float32 forward pass is from the exact logits at each position of ids [T]:
+    transformers' float32 pass against its float64 one, on the same weights, the largest
+    difference over the vocabulary -> [T, 1].
+
+    The 1e-4 of TOL assumes logits of well-conditioned terms. A 2-wide model can end a position
+    with a hidden state 300 times smaller than the residual terms that cancelled to make it, and
+    the final RMSNorm scales their rounding up by as much: there torch's float32 pass is off by
+    1.5e-4 (the example pinned on test_cached_decoding_equals_the_reference). An engine and the
+    reference are each that far from the exact logits, so by the triangle inequality the two
+    differ by up to twice that; each is allowed twice torch's error: 4x in all.
+    """
+    import torch
+    from npllm.model.weights import save_weights
+    from tiny_models import load_reference
+    with tempfile.TemporaryDirectory() as folder:
+        config.save(folder)
+        tied = config.tie_word_embeddings
+        save_weights({n: w for n, w in weights.items() if not (tied and n == "lm_head.weight")},
+                     Path(folder) / "model.safetensors")
+        hf = load_reference(folder)
+    with torch.no_grad():
+        single = hf(torch.tensor(ids)[None]).logits[0].numpy()
+        exact = hf.double()(torch.tensor(ids)[None]).logits[0].numpy()
+    return np.abs(single - exact).max(axis=-1, keepdims=True)
+
+
 def both(config, weights, **numba):
     return (Model(config, weights, engine=ReferenceEngine(config, weights)),
             Model(config, weights, engine=NumbaEngine(config, weights, **numba)))
@@ -101,10 +133,14 @@ def test_logits_and_log_probs_equal_the_reference(model, B, T, seed, padded):
 
 
 @given(model=tiny_models(), T=st.integers(2, 14), prompt=st.integers(1, 13), seed=st.integers(0, 99))
+# Found by the dev profile: the last position's hidden state, [0.038, -0.0013], is what is left
+# of residual terms of ~0.4; float32 is off there by 1.5e-4 (torch's pass too). See float32_error.
+@example(model=(tiny_config(L=2, D=2, H=1, K=1, Dh=8, F=24, V=50), None), T=6, prompt=1, seed=13)
 def test_cached_decoding_equals_the_reference(model, T, prompt, seed):
     """A prompt, then one token at a time through the KV cache: the same logits and the same
     cache contents on both engines (and the reference's equal its own full pass)."""
     config, weights = model
+    weights = random_weights(config, seed=13) if weights is None else weights
     prompt = min(prompt, T - 1)
     ids = np.random.default_rng(seed).integers(0, config.vocab_size, T)
     outs, caches = [], []
@@ -114,8 +150,9 @@ def test_cached_decoding_equals_the_reference(model, T, prompt, seed):
                                                   for t in range(prompt, T)]
         outs.append(np.concatenate(steps))
         caches.append(cache)
-    np.testing.assert_allclose(outs[1], outs[0], **TOL)
-    np.testing.assert_allclose(outs[0], both(config, weights)[0](ids), **TOL)
+    allowed = TOL["atol"] + 4 * float32_error(config, weights, ids)  # [T, 1]
+    for got, want in ((outs[1], outs[0]), (outs[0], both(config, weights)[0](ids))):
+        assert np.all(np.abs(got - want) <= allowed), (np.abs(got - want).max(-1), allowed[:, 0])
     for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
         np.testing.assert_allclose(a[:, :, :T], b[:, :, :T], **TOL)
 
