@@ -132,15 +132,18 @@ def test_logits_and_log_probs_equal_the_reference(model, B, T, seed, padded):
                                reference(ids, attention_mask=mask, logits_to_keep=kept), **TOL)
 
 
+# Found by the dev profile: with ids of seed 13, the last position's hidden state,
+# [0.038, -0.0013], is what is left of residual terms of ~0.4; float32 is off there by 1.5e-4
+# (torch's pass too). See float32_error.
+CANCELLING = tiny_config(L=2, D=2, H=1, K=1, Dh=8, F=24, V=50)
+
+
 @given(model=tiny_models(), T=st.integers(2, 14), prompt=st.integers(1, 13), seed=st.integers(0, 99))
-# Found by the dev profile: the last position's hidden state, [0.038, -0.0013], is what is left
-# of residual terms of ~0.4; float32 is off there by 1.5e-4 (torch's pass too). See float32_error.
-@example(model=(tiny_config(L=2, D=2, H=1, K=1, Dh=8, F=24, V=50), None), T=6, prompt=1, seed=13)
+@example(model=(CANCELLING, random_weights(CANCELLING, 13)), T=6, prompt=1, seed=13)
 def test_cached_decoding_equals_the_reference(model, T, prompt, seed):
     """A prompt, then one token at a time through the KV cache: the same logits and the same
     cache contents on both engines (and the reference's equal its own full pass)."""
     config, weights = model
-    weights = random_weights(config, seed=13) if weights is None else weights
     prompt = min(prompt, T - 1)
     ids = np.random.default_rng(seed).integers(0, config.vocab_size, T)
     outs, caches = [], []
