@@ -106,7 +106,7 @@ def test_loglikelihood_equals_hflm_on_random_splits(tiny, data):
 
 
 def test_a_continuation_longer_than_max_length_is_refused_as_by_hflm(tiny):
-    """Twenty-seven characters, more than max_length byte-level tokens: HFLM fails an assert,
+    """Twenty-five characters, more than max_length byte-level tokens: HFLM fails an assert,
     npllm names the problem (scoring only the continuation's last tokens would be wrong)."""
     ours, theirs = tiny
     pair = instances("loglikelihood", [("Accents and symbols: café,", " naïve, über, 東京, emoji 🙂")])
